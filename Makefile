@@ -1,0 +1,47 @@
+# One command each: `make demo` (install + demo), `make test` (install + tests), `make bench`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export MAX_JOBS ?= 2
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+
+.PHONY: install build test demo bench cpp clean
+
+install: $(VENV)/.deps-installed build
+
+$(VENV)/.deps-installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# The first build registers the editable install (pip builds in a throw-away folder); later
+# builds recompile in place, incrementally (ninja, objects kept under build/).
+build: $(VENV)/.deps-installed $(VENV)/.relfast-registered
+	$(PY) setup.py -q build_ext --inplace > build/build_ext.log 2>&1 \
+		|| { tail -n 60 build/build_ext.log; echo "relfast: build failed, full log in build/build_ext.log"; exit 1; }
+	grep -h -E "^\s*relfast: " build/build_ext.log | sed 's/^\s*//' | sort -u
+	$(PY) -c "import relfast; print('relfast', relfast.__version__, '| CUDA kernels built:', relfast.ops.built_with_cuda())"
+
+$(VENV)/.relfast-registered: setup.py pyproject.toml
+	mkdir -p build
+	$(PY) -m pip install -v --no-build-isolation --no-deps -e . > build/pip-install.log 2>&1 \
+		|| { tail -n 60 build/pip-install.log; echo "relfast: install failed, full log in build/pip-install.log"; exit 1; }
+	touch $@
+
+test: install
+	$(PY) -m pytest tests -q
+
+demo: install
+	$(PY) examples/demo_ops.py
+
+bench: install
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,rounds -q
+
+cpp: $(VENV)/.deps-installed
+	cmake -S . -B build/cmake
+	cmake --build build/cmake -j2
+
+clean:
+	rm -rf build relfast/*.so *.egg-info

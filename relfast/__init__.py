@@ -1,0 +1,13 @@
+"""relfast: fast, batched, exportable gradient-weighted attention relevance for transformers.
+
+Importing the package loads the compiled ``relfast._C`` library, which registers the
+``torch.ops.relfast`` operators; ``relfast.ops`` holds their documented wrappers and
+``relfast.reference`` their plain-PyTorch definitions.
+"""
+import torch  # noqa: F401  (the extension links against torch's libraries)
+
+from . import _C  # noqa: F401  (registers the relfast:: operators)
+from . import ops, reference
+
+__version__ = "0.1.0"
+__all__ = ["ops", "reference"]
