@@ -16,28 +16,31 @@
 namespace relfast {
 namespace {
 
-// Returns false when a product was NaN or infinite.
+// Returns false when a product was NaN or infinite. One task = a block of rows of one sample;
+// head by head, the block is one contiguous run of grad and attn.
 template <typename scalar_t, typename out_t>
 bool head_mean_grad_attn_kernel(const scalar_t* grad, const scalar_t* attn, out_t* out, int64_t B, int64_t H,
                                 int64_t Nq, int64_t Nk) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t inv_heads = acc_t(1) / static_cast<acc_t>(H);
-  const int64_t rows = B * Nq;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * Nk));
+  const int64_t block_rows = cpu::rows_per_block(Nk);
+  const int64_t blocks = (Nq + block_rows - 1) / block_rows;
   std::atomic<bool> nonfinite{false};
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> head_sum(Nk), check(Nk, acc_t(0));
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / Nq, q = row % Nq;
-      std::fill(head_sum.begin(), head_sum.end(), acc_t(0));
+  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> head_sum(block_rows * Nk);
+    cpu::FiniteCheck<acc_t> check;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, q0 = (task % blocks) * block_rows;
+      const int64_t len = std::min(block_rows, Nq - q0) * Nk;
+      std::fill(head_sum.begin(), head_sum.begin() + len, acc_t(0));
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t offset = ((b * H + h) * Nq + q) * Nk;
-        cpu::accumulate_positive_products(grad + offset, attn + offset, head_sum.data(), check.data(), Nk);
+        const int64_t offset = ((b * H + h) * Nq + q0) * Nk;
+        cpu::accumulate_positive_products(grad + offset, attn + offset, head_sum.data(), len, check);
       }
-      out_t* out_row = out + row * Nk;
-      for (int64_t k = 0; k < Nk; ++k) out_row[k] = static_cast<out_t>(head_sum[k] * inv_heads);
+      out_t* out_block = out + (b * Nq + q0) * Nk;
+      for (int64_t e = 0; e < len; ++e) out_block[e] = static_cast<out_t>(head_sum[e] * inv_heads);
     }
-    if (cpu::saw_nonfinite(check.data(), Nk)) nonfinite.store(true, std::memory_order_relaxed);
+    if (check.saw_nonfinite()) nonfinite.store(true, std::memory_order_relaxed);
   });
   return !nonfinite.load();
 }

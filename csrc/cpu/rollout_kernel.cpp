@@ -12,34 +12,36 @@
 
 #include "../checks.h"
 #include "../kernels.h"
+#include "row_loops.h"
 
 namespace relfast {
 namespace {
 
+// One task = a block of rows of one sample (head by head, one contiguous run of attn).
 template <typename scalar_t>
 bool rollout_layer_kernel(const scalar_t* attn, at::opmath_type<scalar_t>* out, int64_t B, int64_t H, int64_t N) {
   using acc_t = at::opmath_type<scalar_t>;
+  const int64_t block_rows = cpu::rows_per_block(N);
+  const int64_t blocks = (N + block_rows - 1) / block_rows;
   std::atomic<bool> nonfinite{false};
-  at::parallel_for(0, B * N, std::max<int64_t>(1, 32768 / std::max<int64_t>(H * N, 1)), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / N, i = row % N;
-      acc_t* o = out + row * N;
-      std::fill(o, o + N, acc_t(0));
-      for (int64_t h = 0; h < H; ++h) {
-        const scalar_t* a = attn + ((b * H + h) * N + i) * N;
+  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, i0 = (task % blocks) * block_rows, rows = std::min(block_rows, N - i0);
+      acc_t* block = out + (b * N + i0) * N;  // accumulate straight into the output rows
+      std::fill(block, block + rows * N, acc_t(0));
+      for (int64_t h = 0; h < H; ++h) cpu::accumulate(attn + ((b * H + h) * N + i0) * N, block, rows * N);
+      for (int64_t r = 0; r < rows; ++r) {
+        acc_t* o = block + r * N;
+        o[i0 + r] += static_cast<acc_t>(H);
+        const acc_t total = cpu::sum(o, N);
+        if (!std::isfinite(total)) {  // NaN/inf anywhere in the row reaches the sum
+          nonfinite.store(true, std::memory_order_relaxed);
+          continue;
+        }
+        const acc_t scale = total == acc_t(0) ? acc_t(0) : acc_t(1) / total;
 #pragma omp simd
-        for (int64_t j = 0; j < N; ++j) o[j] += static_cast<acc_t>(a[j]);
+        for (int64_t j = 0; j < N; ++j) o[j] *= scale;
       }
-      o[i] += static_cast<acc_t>(H);
-      acc_t total = 0;
-      for (int64_t j = 0; j < N; ++j) total += o[j];
-      if (!std::isfinite(total)) {  // NaN/inf anywhere in the row reaches the sum
-        nonfinite.store(true, std::memory_order_relaxed);
-        continue;
-      }
-      const acc_t scale = total == acc_t(0) ? acc_t(0) : acc_t(1) / total;
-#pragma omp simd
-      for (int64_t j = 0; j < N; ++j) o[j] *= scale;
     }
   });
   return !nonfinite.load();

@@ -18,50 +18,60 @@
 namespace relfast {
 namespace {
 
-// Columns j are split into chunks; one task owns (sample b, column chunk) and walks every
-// (i, h) row segment of that chunk, so tasks never share outputs and B = 1 still parallelises.
-int64_t column_chunk(int64_t B, int64_t N) {
-  const int64_t tasks_per_sample = std::max<int64_t>(1, (4 * at::get_num_threads() + B - 1) / std::max<int64_t>(B, 1));
-  int64_t chunk = (N + tasks_per_sample - 1) / tasks_per_sample;
-  chunk = (chunk + 15) / 16 * 16;                  // whole cache lines of float32
-  chunk = std::clamp<int64_t>(chunk, 64, 1024);    // long enough segments for the prefetcher
-  return std::min(chunk, N);
-}
+// The rows i of the sum are split into a fixed number of groups; a task (sample b, group) streams
+// its rows block by block (head by head, one contiguous run each) and accumulates a K x N partial
+// result. The partials are then summed in group order. The split depends on N only, so results
+// are deterministic and do not change with the batch size or the thread count.
+constexpr int64_t kRowGroups = 16;
 
 template <typename scalar_t>
 bool row_relevance_update_kernel(const scalar_t* v, const scalar_t* grad, const scalar_t* attn, scalar_t* out,
                                  int64_t B, int64_t H, int64_t N, int64_t K, bool aggregate) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t inv_heads = acc_t(1) / static_cast<acc_t>(H);
-  const int64_t chunk = column_chunk(B, N);
-  const int64_t chunks = (N + chunk - 1) / chunk;
+  const int64_t group_rows = (N + std::min(N, kRowGroups) - 1) / std::min(N, kRowGroups);
+  const int64_t groups = (N + group_rows - 1) / group_rows;
+  const int64_t block_rows = std::min(cpu::rows_per_block(N), group_rows);
+  std::vector<acc_t> partial(B * groups * K * N);
   std::atomic<bool> nonfinite{false};
-  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row_acc(K * chunk), head_sum(chunk), check(chunk, acc_t(0));
+  at::parallel_for(0, B * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> head_sum(block_rows * N);
+    cpu::FiniteCheck<acc_t> check;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / chunks, j0 = (task % chunks) * chunk, len = std::min(chunk, N - j0);
-      std::fill(row_acc.begin(), row_acc.end(), acc_t(0));
-      for (int64_t i = 0; i < N; ++i) {
-        std::fill(head_sum.begin(), head_sum.begin() + len, acc_t(0));
+      const int64_t b = task / groups, i_begin = (task % groups) * group_rows;
+      const int64_t i_end = std::min(N, i_begin + group_rows);
+      acc_t* rows_out = partial.data() + task * K * N;
+      std::fill(rows_out, rows_out + K * N, acc_t(0));
+      for (int64_t i0 = i_begin; i0 < i_end; i0 += block_rows) {
+        const int64_t rows = std::min(block_rows, i_end - i0);
+        std::fill(head_sum.begin(), head_sum.begin() + rows * N, acc_t(0));
         for (int64_t h = 0; h < H; ++h) {
-          const int64_t offset = ((b * H + h) * N + i) * N + j0;
-          cpu::accumulate_positive_products(grad + offset, attn + offset, head_sum.data(), check.data(), len);
+          const int64_t offset = ((b * H + h) * N + i0) * N;
+          cpu::accumulate_positive_products(grad + offset, attn + offset, head_sum.data(), rows * N, check);
         }
-        for (int64_t k = 0; k < K; ++k) {
-          const acc_t weight = static_cast<acc_t>(v[(b * K + k) * N + i]) * inv_heads;
-          cpu::axpy(weight, head_sum.data(), row_acc.data() + k * chunk, len);
-        }
-      }
-      for (int64_t k = 0; k < K; ++k) {
-        const scalar_t* v_row = v + (b * K + k) * N + j0;
-        scalar_t* out_row = out + (b * K + k) * N + j0;
-        const acc_t* acc_row = row_acc.data() + k * chunk;
-        for (int64_t j = 0; j < len; ++j) {
-          out_row[j] = static_cast<scalar_t>((aggregate ? static_cast<acc_t>(v_row[j]) : acc_t(0)) + acc_row[j]);
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t k = 0; k < K; ++k) {
+            const acc_t weight = static_cast<acc_t>(v[(b * K + k) * N + i0 + r]) * inv_heads;
+            cpu::axpy(weight, head_sum.data() + r * N, rows_out + k * N, N);
+          }
         }
       }
     }
-    if (cpu::saw_nonfinite(check.data(), chunk)) nonfinite.store(true, std::memory_order_relaxed);
+    if (check.saw_nonfinite()) nonfinite.store(true, std::memory_order_relaxed);
+  });
+  // out = v (when aggregating) + the partials, summed in group order.
+  at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> total(N);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / K, k = row % K;
+      const scalar_t* v_row = v + row * N;
+      for (int64_t j = 0; j < N; ++j) total[j] = aggregate ? static_cast<acc_t>(v_row[j]) : acc_t(0);
+      for (int64_t g = 0; g < groups; ++g) {
+        cpu::axpy(acc_t(1), partial.data() + ((b * groups + g) * K + k) * N, total.data(), N);
+      }
+      scalar_t* out_row = out + row * N;
+      for (int64_t j = 0; j < N; ++j) out_row[j] = static_cast<scalar_t>(total[j]);
+    }
   });
   return !nonfinite.load();
 }
