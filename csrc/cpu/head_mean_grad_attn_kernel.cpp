@@ -33,10 +33,8 @@ bool head_mean_grad_attn_kernel(const scalar_t* grad, const scalar_t* attn, out_
       const int64_t b = task / blocks, q0 = (task % blocks) * block_rows;
       const int64_t len = std::min(block_rows, Nq - q0) * Nk;
       std::fill(head_sum.begin(), head_sum.begin() + len, acc_t(0));
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t offset = ((b * H + h) * Nq + q0) * Nk;
-        cpu::accumulate_positive_products(grad + offset, attn + offset, head_sum.data(), len, check);
-      }
+      cpu::accumulate_positive_products_over_heads(
+          grad, attn, H, [&](int64_t h) { return ((b * H + h) * Nq + q0) * Nk; }, head_sum.data(), len, check);
       out_t* out_block = out + (b * Nq + q0) * Nk;
       for (int64_t e = 0; e < len; ++e) out_block[e] = static_cast<out_t>(head_sum[e] * inv_heads);
     }

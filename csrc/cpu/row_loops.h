@@ -43,27 +43,57 @@ struct FiniteCheck {
   }
 };
 
-// sum[j] += max(g[j] * a[j], 0) for j < n, and every product goes through the finiteness check.
-template <typename scalar_t, typename acc_t>
-RELFAST_CPU_MULTIVERSION void accumulate_positive_products(const scalar_t* __restrict g, const scalar_t* __restrict a,
-                                         acc_t* __restrict sum, int64_t n, FiniteCheck<acc_t>& check) {
+// sum[j] += sum_h max(g[h][j] * a[h][j], 0) for j < n and kHeads heads per pass (each product
+// also goes through the finiteness check). Several heads per pass cut the load/store round trips
+// of the accumulator; 2 * kHeads input streams stay within what the prefetcher follows.
+template <int kHeads, typename scalar_t, typename acc_t>
+RELFAST_CPU_MULTIVERSION void accumulate_positive_products(const scalar_t* const* g, const scalar_t* const* a,
+                                                           acc_t* __restrict sum, int64_t n,
+                                                           FiniteCheck<acc_t>& check) {
+  const scalar_t* __restrict gh[kHeads];
+  const scalar_t* __restrict ah[kHeads];
+  for (int h = 0; h < kHeads; ++h) gh[h] = g[h], ah[h] = a[h];
   acc_t lanes[kCheckLanes];
   for (int l = 0; l < kCheckLanes; ++l) lanes[l] = check.lanes[l];
   int64_t j = 0;
   for (; j + kCheckLanes <= n; j += kCheckLanes) {
 #pragma omp simd
     for (int l = 0; l < kCheckLanes; ++l) {
-      const acc_t p = static_cast<acc_t>(g[j + l]) * static_cast<acc_t>(a[j + l]);
-      sum[j + l] += p > acc_t(0) ? p : acc_t(0);
-      lanes[l] += p * acc_t(0);
+      acc_t s = sum[j + l];
+      for (int h = 0; h < kHeads; ++h) {
+        const acc_t p = static_cast<acc_t>(gh[h][j + l]) * static_cast<acc_t>(ah[h][j + l]);
+        s += p > acc_t(0) ? p : acc_t(0);
+        lanes[l] += p * acc_t(0);
+      }
+      sum[j + l] = s;
     }
   }
   for (; j < n; ++j) {
-    const acc_t p = static_cast<acc_t>(g[j]) * static_cast<acc_t>(a[j]);
-    sum[j] += p > acc_t(0) ? p : acc_t(0);
-    lanes[0] += p * acc_t(0);
+    for (int h = 0; h < kHeads; ++h) {
+      const acc_t p = static_cast<acc_t>(gh[h][j]) * static_cast<acc_t>(ah[h][j]);
+      sum[j] += p > acc_t(0) ? p : acc_t(0);
+      lanes[0] += p * acc_t(0);
+    }
   }
   for (int l = 0; l < kCheckLanes; ++l) check.lanes[l] = lanes[l];
+}
+
+// sum += the positive products of heads 0..H-1 over one row block: `offset(h)` is where head h's
+// block starts in grad and attn. Four heads per pass, then the remainder one by one.
+template <typename scalar_t, typename acc_t, typename Offset>
+void accumulate_positive_products_over_heads(const scalar_t* grad, const scalar_t* attn, int64_t H, Offset offset,
+                                             acc_t* sum, int64_t n, FiniteCheck<acc_t>& check) {
+  int64_t h = 0;
+  for (; h + 4 <= H; h += 4) {
+    const scalar_t* g[4] = {grad + offset(h), grad + offset(h + 1), grad + offset(h + 2), grad + offset(h + 3)};
+    const scalar_t* a[4] = {attn + offset(h), attn + offset(h + 1), attn + offset(h + 2), attn + offset(h + 3)};
+    accumulate_positive_products<4>(g, a, sum, n, check);
+  }
+  for (; h < H; ++h) {
+    const scalar_t* g[1] = {grad + offset(h)};
+    const scalar_t* a[1] = {attn + offset(h)};
+    accumulate_positive_products<1>(g, a, sum, n, check);
+  }
 }
 
 // sum[j] += x[j]

@@ -45,10 +45,8 @@ bool row_relevance_update_kernel(const scalar_t* v, const scalar_t* grad, const 
       for (int64_t i0 = i_begin; i0 < i_end; i0 += block_rows) {
         const int64_t rows = std::min(block_rows, i_end - i0);
         std::fill(head_sum.begin(), head_sum.begin() + rows * N, acc_t(0));
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t offset = ((b * H + h) * N + i0) * N;
-          cpu::accumulate_positive_products(grad + offset, attn + offset, head_sum.data(), rows * N, check);
-        }
+        cpu::accumulate_positive_products_over_heads(
+            grad, attn, H, [&](int64_t h) { return ((b * H + h) * N + i0) * N; }, head_sum.data(), rows * N, check);
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t k = 0; k < K; ++k) {
             const acc_t weight = static_cast<acc_t>(v[(b * K + k) * N + i0 + r]) * inv_heads;
