@@ -61,6 +61,11 @@ inline at::Tensor rollout_layer_matrix_impl(const at::Tensor& attn) {
 #endif
 }
 
+// v + v @ abar (or v @ abar) with abar materialised once by the fused head-mean pass and the
+// K x N x N work done by a GEMM: the route for more than kFusedRowUpdateMaxRows rows, any device.
+at::Tensor row_relevance_update_via_gemm(const at::Tensor& v, const at::Tensor& grad, const at::Tensor& attn,
+                                         bool aggregate);
+
 // float32 for half types, the input dtype otherwise.
 inline at::ScalarType accumulation_dtype(at::ScalarType s) {
   return (s == at::kHalf || s == at::kBFloat16) ? at::kFloat : s;

@@ -126,13 +126,7 @@ at::Tensor row_relevance_update_cuda(const at::Tensor& v, const at::Tensor& grad
   const c10::cuda::CUDAGuard guard(v.device());
   check_all_finite(v, op, "v");  // K x N values: cheap next to the B x H x N x N pass
   const int64_t B = v.size(0), K = v.size(1), N = v.size(2);
-  if (K > kFusedRowUpdateMaxRows) {
-    // Many rows: materialise abar once (fused pass) and let the GEMM do the K x N x N work.
-    const at::ScalarType acc = accumulation_dtype(v.scalar_type());
-    const at::Tensor abar = head_mean_grad_attn_cuda(grad, attn, acc);
-    const at::Tensor v_acc = v.to(acc);
-    return (aggregate ? at::baddbmm(v_acc, v_acc, abar) : at::bmm(v_acc, abar)).to(v.scalar_type());
-  }
+  if (K > kFusedRowUpdateMaxRows) return row_relevance_update_via_gemm(v, grad, attn, aggregate);
   const at::Tensor vc = v.contiguous(), g = grad.contiguous(), a = attn.contiguous();
   at::Tensor out = at::empty_like(vc);
   if (out.numel() == 0) return out;
