@@ -2,12 +2,13 @@
 
 Importing the package loads the compiled ``relfast._C`` library, which registers the
 ``torch.ops.relfast`` operators; ``relfast.ops`` holds their documented wrappers and
-``relfast.reference`` their plain-PyTorch definitions.
+``relfast.reference`` their plain-PyTorch definitions; ``relfast.Explainer`` explains models.
 """
 import torch  # noqa: F401  (the extension links against torch's libraries)
 
 from . import _C  # noqa: F401  (registers the relfast:: operators)
 from . import ops, reference
+from .explain import Explainer, Explanation
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference"]
+__all__ = ["ops", "reference", "Explainer", "Explanation"]
