@@ -9,7 +9,8 @@ Every ``bench_<op>.py`` times relfast's fused op against its unfused eager PyTor
 * ``inputs``: seeded builders of attention-like tensors;
 * ``check``: the float32 correctness assertion;
 * ``measure``: runs the benchmark (synchronising CUDA), records bytes moved and GB/s in
-  ``extra_info``, and feeds the summary table printed at the end of the session.
+  ``extra_info``, and feeds the summary table printed at the end of the session;
+* ``explain_results``: where bench_explain.py records its medians, for the end-to-end table.
 """
 import math
 import time
@@ -219,8 +220,41 @@ def measure(benchmark, request):
 
 # ---- summary table ----
 
+# (model id, batch) -> {impl: median seconds}; impl in "forward", "floor", "relfast", "reference"
+# (bench_explain.py, end-to-end explanation).
+EXPLAIN_RESULTS = defaultdict(dict)
+
+
+@pytest.fixture
+def explain_results():
+    return EXPLAIN_RESULTS
+
+
+def _explain_summary(terminalreporter):
+    w = terminalreporter.write_line
+    terminalreporter.write_sep("-", "end-to-end explanation, CPU (medians)")
+    w("xfwd = relfast / plain forward (target <= 2.3); xfloor = relfast / (forward + input-grad backward)")
+    w("speedup = reference (per sample, hooks, weight grads, full matrix) / relfast (target >= 1.4 at batch 8)")
+    w(f"{'model':<8}{'B':>3}{'fwd ms':>10}{'floor ms':>10}{'relfast ms':>12}{'ref ms':>10}"
+      f"{'xfwd':>7}{'xfloor':>8}{'speedup':>9}")
+
+    def num(x, spec, scale=1.0):
+        return "-" if x is None else format(x * scale, spec)
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    for (name, B), t in sorted(EXPLAIN_RESULTS.items()):
+        fwd, flo, rel, ref = (t.get(k) for k in ("forward", "floor", "relfast", "reference"))
+        w(f"{name:<8}{B:>3}{num(fwd, '.1f', 1e3):>10}{num(flo, '.1f', 1e3):>10}{num(rel, '.1f', 1e3):>12}"
+          f"{num(ref, '.1f', 1e3):>10}{num(ratio(rel, fwd), '.2f'):>7}{num(ratio(rel, flo), '.2f'):>8}"
+          f"{num(ratio(ref, rel), '.2f'):>9}")
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter):
+    if EXPLAIN_RESULTS:
+        _explain_summary(terminalreporter)
     if not (RESULTS or COPY_BPS):
         return
     w = terminalreporter.write_line

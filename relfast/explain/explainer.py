@@ -27,7 +27,7 @@ class Explanation:
     """What an explainer returns.
 
     Attributes:
-        logits: (B, C) the model's output.
+        logits: (B, C) the model's output (for encoders without a head: the token embeddings).
         target: (B,) or (B, K) class indices explained (None for a callable target).
         relevance: float32, the explained token's row of R over all N input tokens (CLS first):
             (B, N), or (B, K, N) for K targets per sample; with ``full_matrix=True`` all rows,
@@ -97,10 +97,15 @@ class Explainer:
 
         ``target``: None (argmax per sample), an int, a (B,) tensor, K classes for every sample
         (a list of ints) or per sample (a (B, K) tensor or list of lists) -> relevance (B, K, N),
-        computed with one batched backward; or a callable mapping logits (B, C) to the explained
-        scalar per sample (B,).
+        computed with one batched backward; or a callable mapping the model's output (logits
+        (B, C); token embeddings (B, N, D) for encoders without a head) to the explained scalar
+        per sample (B,).
         """
-        num_classes = getattr(getattr(self.model, "config", None), "num_labels", None)
+        if self.adapter.needs_callable_target and not callable(target):
+            raise ValueError(f"relfast.Explainer: a model without a classification head ({type(self.model).__name__}) "
+                             "needs a callable 'target' mapping its output to one scalar per sample")
+        num_classes = None if self.adapter.needs_callable_target else \
+            getattr(getattr(self.model, "config", None), "num_labels", None)
         fixed_target = None if target is None or callable(target) else _as_target_tensor(target, num_classes)
         with self.adapter.eager_attention(), torch.enable_grad():
             logits, attentions, batch = self.adapter.forward(inputs)
@@ -131,7 +136,7 @@ class Explainer:
         target logit (samples are independent, so one backward serves the whole batch)."""
         if callable(target):
             values = target(logits)
-            if not isinstance(values, Tensor) or values.shape != (logits.shape[0],):
+            if not isinstance(values, Tensor) or tuple(values.shape) != (logits.shape[0],):
                 raise ValueError(f"relfast.Explainer: a callable 'target' must return one scalar per sample, shape "
                                  f"({logits.shape[0]},), got {getattr(values, 'shape', type(values))}")
             return values.sum()

@@ -28,6 +28,7 @@ class Adapter:
     """
 
     family = "?"
+    needs_callable_target = False  # models without a classification head
     num_prefix_tokens = 1
     patch_grid: Optional[Tuple[int, int]] = None
     patch_size: Optional[int] = None

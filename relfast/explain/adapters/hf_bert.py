@@ -28,3 +28,28 @@ class HFBertFamily(Adapter):
                              f"{tuple(inputs['input_ids'].shape)}")
         out = self.model(**inputs, output_attentions=True)
         return out.logits, out.attentions, batch
+
+
+_ENCODER_NAMES = {"BertModel", "RobertaModel", "DistilBertModel", "XLMRobertaModel", "ElectraModel", "AlbertModel"}
+
+
+@register
+class HFBertEncoder(HFBertFamily):
+    """BERT-family encoders without a classification head (e.g. sentence-embedding models). Their
+    output is the token embeddings (B, N, D); the explained scalar must come from a callable target
+    (e.g. the cosine similarity of pooled embeddings)."""
+
+    family = "HuggingFace BERT-family encoders (" + ", ".join(sorted(_ENCODER_NAMES)) + ") with a callable target"
+    needs_callable_target = True
+
+    @staticmethod
+    def matches(model):
+        return type(model).__name__ in _ENCODER_NAMES and hasattr(model, "config")
+
+    def forward(self, inputs: Any):
+        if isinstance(inputs, torch.Tensor):
+            inputs = {"input_ids": inputs}
+        inputs = dict(inputs)
+        batch = check_batch(inputs, "input_ids")
+        out = self.model(**inputs, output_attentions=True)
+        return out.last_hidden_state, out.attentions, batch
