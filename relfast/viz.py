@@ -1,0 +1,119 @@
+"""Pictures of explanations: image heatmap overlays (PNG) and text token heatmaps (HTML).
+
+Works with any method's output: pass ``Explanation.image_map(upsample=True)`` maps (or any
+(H, W) map) for images, and token strings with ``Explanation.relevance`` rows for text.
+"""
+import html
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["overlay", "save_overlay", "save_side_by_side", "text_html", "save_text_html"]
+
+ArrayLike = Union[Tensor, np.ndarray]
+
+
+def _numpy(x: ArrayLike) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x, dtype=np.float32)
+
+
+def _image_hwc(image: ArrayLike) -> np.ndarray:
+    """(3, H, W) or (H, W, 3) or (H, W), any range -> (H, W, 3) float in [0, 1]."""
+    img = _numpy(image)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    elif img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):
+        img = np.transpose(img, (1, 2, 0))
+    if img.ndim != 3 or img.shape[-1] not in (1, 3):
+        raise ValueError(f"relfast.viz: argument 'image' must be (3, H, W), (H, W, 3) or (H, W), got {img.shape}")
+    if img.shape[-1] == 1:
+        img = np.repeat(img, 3, axis=-1)
+    low, high = img.min(), img.max()
+    return (img - low) / (high - low) if high > low else np.zeros_like(img)
+
+
+def _normalised_map(heatmap: ArrayLike, shape) -> np.ndarray:
+    heat = _numpy(heatmap)
+    if heat.ndim != 2:
+        raise ValueError(f"relfast.viz: argument 'heatmap' must be a 2-D map, got shape {heat.shape}")
+    if heat.shape != tuple(shape):
+        resized = torch.nn.functional.interpolate(torch.from_numpy(heat)[None, None], size=tuple(shape),
+                                                  mode="bilinear", align_corners=False)
+        heat = resized[0, 0].numpy()
+    low, high = heat.min(), heat.max()
+    return (heat - low) / (high - low) if high > low else np.zeros_like(heat)
+
+
+def overlay(image: ArrayLike, heatmap: ArrayLike, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+    """The heatmap (min-max normalised, resized to the image) coloured with a matplotlib colormap
+    and blended over the image: (H, W, 3) float in [0, 1]."""
+    from matplotlib import colormaps
+
+    img = _image_hwc(image)
+    heat = _normalised_map(heatmap, img.shape[:2])
+    coloured = colormaps[cmap](heat)[..., :3]
+    return (1 - alpha) * img + alpha * coloured
+
+
+def save_overlay(image: ArrayLike, heatmap: ArrayLike, path: Union[str, Path], alpha: float = 0.5,
+                 cmap: str = "jet") -> Path:
+    """Writes :func:`overlay` as a PNG; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    plt.imsave(path, np.clip(overlay(image, heatmap, alpha, cmap), 0, 1))
+    return path
+
+
+def save_side_by_side(image: ArrayLike, heatmaps: Sequence[ArrayLike], titles: Sequence[str], path: Union[str, Path],
+                      alpha: float = 0.5, cmap: str = "jet") -> Path:
+    """The input image next to one overlay per heatmap (e.g. two classes, as in the papers'
+    figures), as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if len(heatmaps) != len(titles):
+        raise ValueError(f"relfast.viz: {len(heatmaps)} heatmaps but {len(titles)} titles")
+    figure, axes = plt.subplots(1, len(heatmaps) + 1, figsize=(3 * (len(heatmaps) + 1), 3.2))
+    axes[0].imshow(_image_hwc(image))
+    axes[0].set_title("input")
+    for axis, heat, title in zip(axes[1:], heatmaps, titles):
+        axis.imshow(np.clip(overlay(image, heat, alpha, cmap), 0, 1))
+        axis.set_title(title)
+    for axis in axes:
+        axis.axis("off")
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def text_html(tokens: Sequence[str], scores: ArrayLike, title: Optional[str] = None) -> str:
+    """A self-contained HTML fragment: each token on a background whose strength is its score
+    (min-max normalised over the tokens; negative-free red scale), the score in a tooltip."""
+    values = _numpy(scores).reshape(-1)
+    if len(tokens) != values.shape[0]:
+        raise ValueError(f"relfast.viz: {len(tokens)} tokens but {values.shape[0]} scores")
+    low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
+    shares = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    spans: List[str] = []
+    for token, value, share in zip(tokens, values, shares):
+        spans.append(f'<span title="{value:.4g}" style="background: rgba(220, 30, 30, {share:.3f}); '
+                     f'padding: 2px 3px; margin: 1px; border-radius: 3px">{html.escape(token)}</span>')
+    heading = f"<h3>{html.escape(title)}</h3>" if title else ""
+    return f'<div style="font-family: sans-serif; line-height: 2">{heading}{" ".join(spans)}</div>'
+
+
+def save_text_html(rows: Sequence[tuple], path: Union[str, Path]) -> Path:
+    """Writes one HTML page from rows of (tokens, scores[, title]); returns the path."""
+    body = "\n".join(text_html(*row) for row in rows)
+    path = Path(path)
+    path.write_text(f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>relfast</title></head>'
+                    f"<body>{body}</body></html>\n", encoding="utf-8")
+    return path

@@ -1,0 +1,60 @@
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from matplotlib import colormaps
+
+import relfast
+from relfast import viz
+
+
+def test_overlay_colours_follow_the_heatmap():
+    image = torch.rand(3, 32, 32)
+    heat = torch.zeros(8, 8)
+    heat[2, 5] = 1.0  # one hot patch
+    blended = viz.overlay(image, heat, alpha=1.0, cmap="viridis")  # alpha 1: the colormap alone
+    assert blended.shape == (32, 32, 3)
+    hottest = np.unravel_index(np.argmin(np.abs(blended - colormaps["viridis"](1.0)[:3]).sum(-1)), (32, 32))
+    assert hottest[0] // 4 == 2 and hottest[1] // 4 == 5, hottest
+    plain = viz.overlay(image, heat, alpha=0.0)
+    np.testing.assert_allclose(plain, (image.permute(1, 2, 0).numpy() - image.min().item()) /
+                               (image.max() - image.min()).item(), rtol=1e-5, atol=1e-6)
+
+
+def test_save_overlay_and_side_by_side_write_pngs(tmp_path):
+    image = np.random.rand(40, 48, 3)
+    path = viz.save_overlay(image, np.random.rand(5, 6), tmp_path / "heat.png")
+    assert plt.imread(path).shape[:2] == (40, 48)
+    one = plt.imread(viz.save_side_by_side(image, [np.random.rand(5, 6)], ["a"], tmp_path / "one.png"))
+    two = plt.imread(viz.save_side_by_side(image, [np.random.rand(5, 6)] * 2, ["a", "b"], tmp_path / "two.png"))
+    assert two.shape[1] > one.shape[1]
+
+
+def test_text_html_scales_and_escapes():
+    page = viz.text_html(["<b>", "cat", "the"], torch.tensor([0.5, 2.0, 0.0]), title="x & y")
+    assert "&lt;b&gt;" in page and "x &amp; y" in page
+    assert 'rgba(220, 30, 30, 1.000); padding: 2px 3px; margin: 1px; border-radius: 3px">cat' in page
+    assert "rgba(220, 30, 30, 0.000)" in page
+
+
+def test_explanation_to_png_end_to_end(tmp_path):
+    import transformers  # installed by requirements.txt
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=64, num_labels=3)
+    model = transformers.ViTForImageClassification(config).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    out = relfast.Explainer(model)(pixels, target=[0, 2])
+    maps = out.image_map(upsample=True)  # (2, 2, 32, 32)
+    path = viz.save_side_by_side(pixels[0], [maps[0, 0], maps[0, 1]], ["class 0", "class 2"], tmp_path / "two.png")
+    assert plt.imread(path).ndim == 3
+
+
+@pytest.mark.parametrize("call,words", [
+    (lambda: viz.overlay(np.zeros((4, 4, 5)), np.zeros((2, 2))), "'image'"),
+    (lambda: viz.overlay(np.zeros((3, 4, 4)), np.zeros((2, 2, 2))), "'heatmap'"),
+    (lambda: viz.text_html(["a"], [1.0, 2.0]), "1 tokens but 2 scores"),
+    (lambda: viz.save_side_by_side(np.zeros((4, 4)), [np.zeros((2, 2))], [], "x.png"), "1 heatmaps but 0 titles"),
+])
+def test_bad_input(call, words):
+    with pytest.raises(ValueError, match=words):
+        call()
