@@ -174,7 +174,7 @@ class Explainer:
         state = {"rows": self._rows(attentions[0], attentions[0].shape[0])}
 
         def update(grad: Tensor, attn: Tensor) -> None:
-            state["rows"] = ops.row_relevance_update(state["rows"], grad.contiguous(), attn, aggregate=self.aggregate)
+            state["rows"] = ops.row_relevance_update(state["rows"], grad, attn, aggregate=self.aggregate)
 
         # Layer l's gradient reaches its hook as soon as backward has produced it, layer L first;
         # the backward stops at the first attention map (its gradient is what autograd returns).

@@ -9,6 +9,16 @@ _NAMES = {"BertForSequenceClassification", "RobertaForSequenceClassification", "
           "XLMRobertaForSequenceClassification", "ElectraForSequenceClassification", "AlbertForSequenceClassification"}
 
 
+def text_inputs(inputs: Any):
+    """The tokenizer's dict (or bare input_ids) as a dict, and its batch size, validated."""
+    inputs = {"input_ids": inputs} if isinstance(inputs, torch.Tensor) else dict(inputs)
+    batch = check_batch(inputs, "input_ids")
+    if inputs["input_ids"].dim() != 2:
+        raise ValueError("relfast.Explainer: argument 'inputs' (input_ids) must have shape (B, N), got "
+                         f"{tuple(inputs['input_ids'].shape)}")
+    return inputs, batch
+
+
 @register
 class HFBertFamily(Adapter):
     family = "HuggingFace BERT family (" + ", ".join(sorted(_NAMES)) + ")"
@@ -19,13 +29,7 @@ class HFBertFamily(Adapter):
         return type(model).__name__ in _NAMES and hasattr(model, "config")
 
     def forward(self, inputs: Any):
-        if isinstance(inputs, torch.Tensor):
-            inputs = {"input_ids": inputs}
-        inputs = dict(inputs)
-        batch = check_batch(inputs, "input_ids")
-        if inputs["input_ids"].dim() != 2:
-            raise ValueError("relfast.Explainer: argument 'inputs' (input_ids) must have shape (B, N), got "
-                             f"{tuple(inputs['input_ids'].shape)}")
+        inputs, batch = text_inputs(inputs)
         out = self.model(**inputs, output_attentions=True)
         return out.logits, out.attentions, batch
 
@@ -47,9 +51,6 @@ class HFBertEncoder(HFBertFamily):
         return type(model).__name__ in _ENCODER_NAMES and hasattr(model, "config")
 
     def forward(self, inputs: Any):
-        if isinstance(inputs, torch.Tensor):
-            inputs = {"input_ids": inputs}
-        inputs = dict(inputs)
-        batch = check_batch(inputs, "input_ids")
+        inputs, batch = text_inputs(inputs)
         out = self.model(**inputs, output_attentions=True)
         return out.last_hidden_state, out.attentions, batch
