@@ -36,6 +36,7 @@ test: install
 demo: install
 	$(PY) examples/demo_ops.py
 	$(PY) examples/demo_explain_text.py
+	$(PY) examples/demo_explain_images.py out
 
 bench: install
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,rounds -q

@@ -7,8 +7,8 @@ Importing the package loads the compiled ``relfast._C`` library, which registers
 import torch  # noqa: F401  (the extension links against torch's libraries)
 
 from . import _C  # noqa: F401  (registers the relfast:: operators)
-from . import ops, reference
+from . import data, models, ops, reference, viz  # matplotlib and transformers load lazily
 from .explain import Explainer, Explanation
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference", "Explainer", "Explanation"]
+__all__ = ["ops", "reference", "Explainer", "Explanation", "viz", "data", "models"]

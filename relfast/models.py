@@ -1,0 +1,35 @@
+"""The embedded default model: a small ViT trained by the project on the Shapes set
+(``relfast.data.make_shapes``; training script: ``scripts/train_default_model.py``). It ships in
+the package, so explanations work offline with no model of your own."""
+from pathlib import Path
+
+import torch
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "shapes_vit.pt"
+
+
+def default_model_config(num_labels: int = 4):
+    from transformers import ViTConfig
+
+    return ViTConfig(image_size=64, patch_size=8, num_channels=3, hidden_size=96, num_hidden_layers=4,
+                     num_attention_heads=4, intermediate_size=192, num_labels=num_labels,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def load_model(path=DEFAULT_CHECKPOINT) -> torch.nn.Module:
+    """Loads a checkpoint written by ``scripts/train_default_model.py`` (the default: the shipped
+    Shapes ViT) as an HF ViTForImageClassification in eval mode."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"relfast.models.load_model: no checkpoint at {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model = ViTForImageClassification(ViTConfig.from_dict(checkpoint["config"]))
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
+
+
+def default_model() -> torch.nn.Module:
+    """The shipped Shapes ViT (64 x 64 px, 8 px patches, classes ``relfast.data.CLASSES``)."""
+    return load_model(DEFAULT_CHECKPOINT)
