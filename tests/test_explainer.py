@@ -261,3 +261,13 @@ def test_bad_input_gets_a_clear_error(case):
     call, error, words = BAD[case]
     with pytest.raises(error, match=words):
         call()
+
+
+def test_parameters_are_restored_and_inputs_that_require_grad_work():
+    model, inputs = make("vit"), inputs_for("vit", batch=2)
+    model.vit.embeddings.cls_token.requires_grad_(False)  # a user's own frozen parameter stays frozen
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    plain = relfast.Explainer(model)(inputs)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == before
+    pixels = inputs["pixel_values"].clone().requires_grad_()
+    torch.testing.assert_close(relfast.Explainer(model)(pixels).relevance, plain.relevance)

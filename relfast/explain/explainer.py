@@ -107,7 +107,7 @@ class Explainer:
         num_classes = None if self.adapter.needs_callable_target else \
             getattr(getattr(self.model, "config", None), "num_labels", None)
         fixed_target = None if target is None or callable(target) else _as_target_tensor(target, num_classes)
-        with self.adapter.eager_attention(), torch.enable_grad():
+        with self.adapter.eager_attention(), self.adapter.gradients_from_inputs_only(), torch.enable_grad():
             logits, attentions, batch = self.adapter.forward(inputs)
             attentions = list(attentions)
             _check_attentions(attentions, batch)

@@ -40,6 +40,30 @@ class Adapter:
     def matches(model: torch.nn.Module) -> bool:
         raise NotImplementedError
 
+    def input_module(self) -> torch.nn.Module:
+        """The module whose output starts the autograd graph (the token/patch embeddings)."""
+        return self.model.get_input_embeddings()
+
+    @contextmanager
+    def gradients_from_inputs_only(self):
+        """Weights frozen for the call and the embeddings' output made the graph's leaf: autograd
+        then saves only what input gradients need (no activations kept for weight gradients)."""
+        frozen = [p for p in self.model.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        def start_graph(module, args, output):
+            if isinstance(output, Tensor) and not output.requires_grad:
+                output.requires_grad_()  # a leaf here: its inputs carry no graph
+            return output
+
+        hook = self.input_module().register_forward_hook(start_graph)
+        try:
+            yield
+        finally:
+            hook.remove()
+            for p in frozen:
+                p.requires_grad_(True)
+
     def forward(self, inputs: Any) -> Tuple[Tensor, Sequence[Tensor], int]:
         """Returns (logits (B, C), attention probabilities per layer (B, H, N, N), batch size)."""
         raise NotImplementedError

@@ -35,6 +35,9 @@ class TimmVisionTransformer(Adapter):
         self.image_size = tuple(model.patch_embed.img_size)
         self._captured = []
 
+    def input_module(self):
+        return self.model.patch_embed
+
     @contextmanager
     def eager_attention(self):
         attentions = [block.attn for block in self.model.blocks]
