@@ -29,16 +29,7 @@ def main(pairs):
     explained = tokenizer([a for a, _ in pairs], return_tensors="pt", padding=True)
     reference = tokenizer([b for _, b in pairs], return_tensors="pt", padding=True)
 
-    def pool(hidden, mask):
-        mask = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1)
-
-    with torch.no_grad():
-        target_embedding = pool(model(**reference).last_hidden_state, reference["attention_mask"])
-
-    def similarity(hidden):
-        return torch.nn.functional.cosine_similarity(pool(hidden, explained["attention_mask"]), target_embedding)
-
+    similarity = relfast.explain.mean_pooled_cosine(model, explained, reference)
     out = relfast.Explainer(model)(explained, target=similarity)  # one batched call for all pairs
     for b, (a, other) in enumerate(pairs):
         print(f'\n"{a}"  vs  "{other}"')

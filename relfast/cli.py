@@ -114,16 +114,8 @@ def explain_text(args) -> None:
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
     explained = tokenizer([args.text], return_tensors="pt")
     other = tokenizer([args.compare], return_tensors="pt")
-
-    def pool(hidden, mask):
-        mask = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1)
-
-    with torch.no_grad():
-        reference = pool(model(**other).last_hidden_state, other["attention_mask"])
-    out = relfast.Explainer(model, args.method)(
-        explained, target=lambda hidden: torch.nn.functional.cosine_similarity(pool(hidden, explained["attention_mask"]),
-                                                                               reference))
+    target = relfast.explain.mean_pooled_cosine(model, explained, other)
+    out = relfast.Explainer(model, args.method)(explained, target=target)
     tokens = tokenizer.convert_ids_to_tokens(explained["input_ids"][0])
     keep = [i for i, t in enumerate(tokens) if t not in tokenizer.all_special_tokens]
     relfast.viz.save_text_html([([tokens[i] for i in keep], out.relevance[0, keep], f"similar to: {args.compare}")],

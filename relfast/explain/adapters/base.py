@@ -107,3 +107,13 @@ def check_batch(inputs: Dict[str, Tensor], key: str) -> int:
         raise ValueError(f"relfast.Explainer: argument 'inputs' holds an empty batch ('{key}' has shape "
                          f"{tuple(inputs[key].shape)}); there is nothing to explain")
     return batch
+
+
+def check_images(pixels: Tensor, expected_chw: Tuple[int, ...]) -> int:
+    """The batch size of an image batch (B, C, H, W) of the shape the model takes, checked before
+    any work (empty batches rejected)."""
+    batch = check_batch({"pixel_values": pixels}, "pixel_values")
+    if pixels.dim() != 4 or tuple(pixels.shape[1:]) != tuple(expected_chw):
+        raise ValueError(f"relfast.Explainer: argument 'inputs' (pixel_values) must have shape (B, "
+                         f"{', '.join(map(str, expected_chw))}) for this model, got {tuple(pixels.shape)}")
+    return batch

@@ -23,15 +23,17 @@ def text_inputs(inputs: Any):
 class HFBertFamily(Adapter):
     family = "HuggingFace BERT family (" + ", ".join(sorted(_NAMES)) + ")"
     num_prefix_tokens = 1  # [CLS] / <s>
+    class_names = _NAMES
+    output_field = "logits"
 
-    @staticmethod
-    def matches(model):
-        return type(model).__name__ in _NAMES and hasattr(model, "config")
+    @classmethod
+    def matches(cls, model):
+        return type(model).__name__ in cls.class_names and hasattr(model, "config")
 
     def forward(self, inputs: Any):
         inputs, batch = text_inputs(inputs)
         out = self.model(**inputs, output_attentions=True)
-        return out.logits, out.attentions, batch
+        return getattr(out, self.output_field), out.attentions, batch
 
 
 _ENCODER_NAMES = {"BertModel", "RobertaModel", "DistilBertModel"}
@@ -41,16 +43,9 @@ _ENCODER_NAMES = {"BertModel", "RobertaModel", "DistilBertModel"}
 class HFBertEncoder(HFBertFamily):
     """BERT-family encoders without a classification head (e.g. sentence-embedding models). Their
     output is the token embeddings (B, N, D); the explained scalar must come from a callable target
-    (e.g. the cosine similarity of pooled embeddings)."""
+    (e.g. ``relfast.explain.mean_pooled_cosine``)."""
 
     family = "HuggingFace BERT-family encoders (" + ", ".join(sorted(_ENCODER_NAMES)) + ") with a callable target"
     needs_callable_target = True
-
-    @staticmethod
-    def matches(model):
-        return type(model).__name__ in _ENCODER_NAMES and hasattr(model, "config")
-
-    def forward(self, inputs: Any):
-        inputs, batch = text_inputs(inputs)
-        out = self.model(**inputs, output_attentions=True)
-        return out.last_hidden_state, out.attentions, batch
+    class_names = _ENCODER_NAMES
+    output_field = "last_hidden_state"

@@ -3,13 +3,7 @@ from typing import Any
 
 import torch
 
-from .base import Adapter, check_batch, register
-
-
-def _hf_classes():
-    import transformers
-    return transformers
-
+from .base import Adapter, check_images, register
 
 @register
 class HFVisionTransformer(Adapter):
@@ -33,11 +27,8 @@ class HFVisionTransformer(Adapter):
     def forward(self, inputs: Any):
         if isinstance(inputs, torch.Tensor):
             inputs = {"pixel_values": inputs}
-        batch = check_batch(inputs, "pixel_values")
-        pixels = inputs["pixel_values"]
-        expected = (self.model.config.num_channels, self.image_size, self.image_size)
-        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != expected:
-            raise ValueError(f"relfast.Explainer: argument 'inputs' (pixel_values) must have shape (B, "
-                             f"{', '.join(map(str, expected))}) for this model, got {tuple(pixels.shape)}")
+        if "pixel_values" not in inputs:
+            raise ValueError(f"relfast.Explainer: argument 'inputs' must contain 'pixel_values', got keys {sorted(inputs)}")
+        batch = check_images(inputs["pixel_values"], (self.model.config.num_channels, self.image_size, self.image_size))
         out = self.model(**inputs, output_attentions=True)
         return out.logits, out.attentions, batch

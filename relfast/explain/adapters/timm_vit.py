@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .base import Adapter, check_batch, register
+from .base import Adapter, check_images, register
 
 
 @register
@@ -58,11 +58,7 @@ class TimmVisionTransformer(Adapter):
     def forward(self, inputs: Any):
         if isinstance(inputs, dict):
             inputs = inputs.get("pixel_values", inputs.get("x"))
-        batch = check_batch({"pixel_values": inputs}, "pixel_values")
-        expected = (self.model.patch_embed.proj.in_channels, *self.image_size)
-        if inputs.dim() != 4 or tuple(inputs.shape[1:]) != expected:
-            raise ValueError(f"relfast.Explainer: argument 'inputs' must have shape (B, {', '.join(map(str, expected))}) "
-                             f"for this model, got {tuple(inputs.shape)}")
+        batch = check_images(inputs, (self.model.patch_embed.proj.in_channels, *self.image_size))
         self._captured = []
         logits = self.model(inputs)
         attentions, self._captured = self._captured, []
