@@ -9,10 +9,7 @@ computation with ``relfast.reference`` (looser).
 
 The first build takes a few minutes on 2 cores; skipped only when cmake or a C++ compiler is missing.
 """
-import os
-import shutil
 import subprocess
-from pathlib import Path
 from typing import List, Tuple
 
 import pytest
@@ -22,50 +19,19 @@ from torch import Tensor
 import relfast  # noqa: F401  (registers the relfast:: operators)
 from relfast import ops, reference
 
+from cpp_build import build_target, run as _run, skip_without_toolchain
+
 # torch.jit.script/save are deprecated in favour of torch.export, but TorchScript is what C++ loads.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
 
-ROOT = Path(__file__).resolve().parents[1]
-BUILD_DIR = ROOT / "build" / "cmake"
 EXE_NAME = "relfast_run_script"
 
-
-def _cxx_compiler():
-    cxx = os.environ.get("CXX")
-    if cxx:
-        return shutil.which(cxx.split()[0])
-    return next((p for p in map(shutil.which, ("c++", "g++", "clang++")) if p), None)
-
-
-if shutil.which("cmake") is None:
-    pytest.skip("cmake is not installed: the C++ build of relfast cannot be tested", allow_module_level=True)
-if _cxx_compiler() is None:
-    pytest.skip("no C++ compiler (c++, g++, clang++ or $CXX) found: the C++ build of relfast cannot be tested",
-                allow_module_level=True)
-
-
-def _run(cmd, what, timeout):
-    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        log = (proc.stdout + proc.stderr)[-6000:]
-        pytest.fail(f"{what} failed (exit {proc.returncode}): {' '.join(map(str, cmd))}\n{log}")
-    return proc
+skip_without_toolchain()
 
 
 @pytest.fixture(scope="module")
 def run_script_exe():
-    """Configures build/cmake when it is new or was made for another torch, then builds (incremental)."""
-    prefix = torch.utils.cmake_prefix_path
-    cache = BUILD_DIR / "CMakeCache.txt"
-    generated = (BUILD_DIR / "Makefile").exists() or (BUILD_DIR / "build.ninja").exists()
-    if not generated or not cache.exists() or prefix not in cache.read_text(errors="replace"):
-        _run(["cmake", "-S", ROOT, "-B", BUILD_DIR, f"-DCMAKE_PREFIX_PATH={prefix}", "-DCMAKE_BUILD_TYPE=Release",
-              "-DRELFAST_BUILD_EXAMPLES=ON"],
-             "cmake configure", timeout=900)
-    _run(["cmake", "--build", BUILD_DIR, "-j2", "--target", EXE_NAME], "cmake build", timeout=3600)
-    exe = BUILD_DIR / EXE_NAME
-    assert exe.is_file(), f"the build did not produce {exe}"
-    return exe
+    return build_target(EXE_NAME)
 
 
 class RelevanceChain(torch.nn.Module):

@@ -1,0 +1,15 @@
+"""Exporters: a model and its explainer as one graph, served without Python hooks.
+
+- :func:`to_onnx`: one ONNX file (relfast ops as standard ONNX ops) for any ONNX Runtime; run it
+  with :class:`relfast.runtime.OnnxExplainer`, which needs only numpy and onnxruntime.
+- :func:`to_torchscript`: one TorchScript file with the fused ``relfast::`` ops, for
+  ``torch.jit.load`` and C++ (libtorch + ``relfast_ops``).
+
+Both take the model inputs and a target (int64 (B,), -1 = the predicted class) and return
+``(logits, relevance, explained_target)``; the batch (and, for text, the sequence length) is dynamic.
+"""
+from .graph import TracedExplanation, trace
+from .onnx import to_onnx
+from .torchscript import to_torchscript
+
+__all__ = ["to_onnx", "to_torchscript", "trace", "TracedExplanation"]

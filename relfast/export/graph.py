@@ -1,0 +1,165 @@
+"""The explanation as one traced graph: model forward, input-gradient backward and relevance.
+
+``torch.export``/``torch.onnx.export`` cannot trace ``torch.autograd.grad`` (backward-saved
+tensors become fake constants), so the joint forward + backward is traced with ``make_fx``, which
+records the aten ops autograd actually runs, the streaming hooks' relfast ops included. The
+resulting ``torch.fx.GraphModule`` takes the model inputs and a target and returns
+``(logits, relevance, explained_target)``; see ``relfast.export.onnx`` and ``relfast.export.torchscript``.
+"""
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from .. import reference
+from ..explain.explainer import Explainer
+
+OUTPUT_NAMES = ("logits", "relevance", "explained_target")
+TARGET_NAME = "target"
+BATCH, SEQUENCE = "batch", "sequence"
+
+# relfast op -> its plain-PyTorch definition: graphs for runtimes without the relfast library.
+REFERENCE_DECOMPOSITIONS = {getattr(torch.ops.relfast, name).default: getattr(reference, name)
+                            for name in reference.__all__}
+
+
+@dataclass
+class TracedExplanation:
+    """A traced explainer and what a runtime needs to know about its inputs.
+
+    Attributes:
+        graph: (*model inputs, target) -> (logits, relevance, target).
+        example_args: the arguments it was traced with (batch >= 2).
+        spec: JSON-able description: method, inputs (name, dtype, shape with "batch"/"sequence"
+            for dynamic dimensions), the target, outputs and model facts (classes, vocabulary,
+            patch grid) used to validate inputs before running.
+    """
+
+    graph: torch.fx.GraphModule
+    example_args: Tuple[Tensor, ...]
+    spec: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> List[str]:
+        return [entry["name"] for entry in self.spec["inputs"]] + [TARGET_NAME]
+
+
+def _named_inputs(explainer: Explainer, example_inputs: Any) -> Dict[str, Tensor]:
+    vision = explainer.adapter.patch_grid is not None
+    if isinstance(example_inputs, Tensor):
+        return {"pixel_values" if vision else "input_ids": example_inputs}
+    if isinstance(example_inputs, dict) or hasattr(example_inputs, "keys"):
+        named = {k: v for k, v in dict(example_inputs).items() if isinstance(v, Tensor)}
+        if named:
+            return named
+    raise ValueError("relfast.export: argument 'example_inputs' must be a tensor or a dict of tensors (what a HF "
+                     f"processor/tokenizer returns), got {type(example_inputs).__name__}")
+
+
+def _trace_batch(named: Dict[str, Tensor]) -> int:
+    """A batch size >= 2 (0 and 1 would be specialised into the graph) that equals no other input
+    dimension (make_fx gives equal sizes one symbol, which would tie them together)."""
+    other_sizes = {s for t in named.values() for s in t.shape[1:]}
+    return next(b for b in range(2, 64) if b not in other_sizes)
+
+
+def _check_exportable(explainer: Explainer, named: Dict[str, Tensor], dynamic_sequence: bool) -> None:
+    if explainer.adapter.needs_callable_target:
+        raise ValueError(f"relfast.export: the {type(explainer.model).__name__} model has no classification head; "
+                         "its explanations need a callable target, which an exported graph cannot take")
+    batches = {t.shape[0] if t.dim() else None for t in named.values()}
+    if len(batches) != 1 or None in batches or 0 in batches:
+        raise ValueError("relfast.export: argument 'example_inputs' must hold tensors with the same non-empty batch "
+                         f"dimension, got shapes {[tuple(t.shape) for t in named.values()]}")
+    if dynamic_sequence:
+        for name, t in named.items():
+            if t.dim() != 2 or t.shape[1] < 2:
+                raise ValueError(f"relfast.export: text input '{name}' must have shape (B, N) with N >= 2 for a "
+                                 f"dynamic sequence length, got {tuple(t.shape)}")
+
+
+def _explanation_function(explainer: Explainer, names: List[str]):
+    adapter = explainer.adapter
+
+    def explain(*args: Tensor):
+        *model_args, target = args
+        inputs = dict(zip(names, model_args))
+        with adapter.eager_attention(), adapter.gradients_from_inputs_only(), torch.enable_grad():
+            logits, attentions, _ = adapter.forward(inputs if len(inputs) > 1 else model_args[0])
+            attentions = list(attentions)
+            explained = torch.where(target < 0, logits.detach().argmax(dim=-1), target)
+            relevance = explainer._relevance(logits, attentions, None, explained)
+        return logits.detach(), relevance.detach().float(), explained
+
+    return explain
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def trace(explainer: Explainer, example_inputs: Any, *, decompose: bool, dynamic_batch: bool = True,
+          dynamic_sequence: Optional[bool] = None) -> TracedExplanation:
+    """Traces ``explainer`` on ``example_inputs`` into one graph.
+
+    Args:
+        decompose: replace relfast ops by their ``relfast.reference`` definitions (for runtimes
+            without the relfast library, e.g. ONNX); else keep them as ``relfast::`` calls.
+        dynamic_batch: the batch size stays a free dimension (else the example's is fixed).
+        dynamic_sequence: text models: the sequence length stays free (default True for text).
+    """
+    if not isinstance(explainer, Explainer):
+        raise ValueError(f"relfast.export: argument 'explainer' must be a relfast.Explainer, got "
+                         f"{type(explainer).__name__}")
+    named = _named_inputs(explainer, example_inputs)
+    vision = explainer.adapter.patch_grid is not None
+    dynamic_sequence = (not vision) if dynamic_sequence is None else dynamic_sequence
+    if dynamic_sequence and vision:
+        raise ValueError("relfast.export: 'dynamic_sequence' applies to text models; a vision model's number of "
+                         "tokens is fixed by its image size")
+    _check_exportable(explainer, named, dynamic_sequence)
+    names = list(named)
+    example_batch = next(iter(named.values())).shape[0]
+    batch = _trace_batch(named) if dynamic_batch else example_batch
+    rows = torch.arange(batch) % example_batch
+    device = next(iter(named.values())).device
+    args = tuple(t[rows.to(t.device)].contiguous() for t in named.values())
+    args += (torch.full((batch,), -1, dtype=torch.long, device=device),)
+
+    explain = _explanation_function(explainer, names)
+    graph = make_fx(explain, tracing_mode="symbolic" if dynamic_batch or dynamic_sequence else "real",
+                    _allow_non_fake_inputs=True,
+                    decomposition_table=REFERENCE_DECOMPOSITIONS if decompose else None)(*args)
+    # The exporter and TorchScript see the graph's own argument names.
+    for node, name in zip(graph.graph.find_nodes(op="placeholder"), names + [TARGET_NAME]):
+        node.name = node.target = name
+    graph.recompile()
+
+    def shape_of(t: Tensor) -> List[Any]:
+        dims: List[Any] = list(t.shape)
+        if dynamic_batch:
+            dims[0] = BATCH
+        if dynamic_sequence:
+            dims[1] = SEQUENCE
+        return dims
+
+    config = getattr(explainer.model, "config", None)
+    logits = graph(*args)[0]
+    spec = {
+        "format": "relfast-explained-model/1",
+        "method": explainer.method,
+        "full_matrix": explainer.full_matrix,
+        "model": type(explainer.model).__name__,
+        "inputs": [{"name": n, "dtype": _dtype_name(t.dtype), "shape": shape_of(t)} for n, t in named.items()],
+        "target": {"name": TARGET_NAME, "dtype": "int64", "shape": [BATCH if dynamic_batch else batch],
+                   "default": -1},
+        "outputs": list(OUTPUT_NAMES),
+        "num_classes": int(logits.shape[-1]),
+        "vocab_size": getattr(config, "vocab_size", None) if not vision else None,
+        "num_prefix_tokens": explainer.adapter.num_prefix_tokens,
+        "patch_grid": list(explainer.adapter.patch_grid) if vision else None,
+        "patch_size": explainer.adapter.patch_size,
+    }
+    return TracedExplanation(graph, args, spec)

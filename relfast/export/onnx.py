@@ -1,0 +1,63 @@
+"""Model + explainer as one ONNX graph, runnable by any ONNX Runtime build."""
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from ..explain.explainer import Explainer
+from .graph import BATCH, OUTPUT_NAMES, SEQUENCE, trace
+
+METADATA_KEY = "relfast"
+
+
+def to_onnx(explainer: Explainer, example_inputs: Any, path: Union[str, Path], *, dynamic_batch: bool = True,
+            dynamic_sequence: Optional[bool] = None, opset_version: Optional[int] = None,
+            check: bool = True) -> Path:
+    """Exports ``explainer`` (its model and method) to one ONNX file.
+
+    The graph takes the model inputs (``pixel_values``; or ``input_ids``, ``attention_mask``, ...:
+    the tensors of ``example_inputs``, in their order) and ``target`` (int64 (B,), -1 = the
+    predicted class), and returns ``logits`` (B, C), ``relevance`` (float32 (B, N), or (B, N, N)
+    with ``full_matrix``) and ``explained_target`` (the classes explained). The relfast ops are decomposed
+    into standard ONNX ops through their ``relfast.reference`` definitions, so no custom-op library
+    is needed. The input description used by :class:`relfast.runtime.OnnxExplainer` to validate
+    inputs is stored in the model's metadata (key ``"relfast"``, JSON).
+
+    Args:
+        explainer: a ``relfast.Explainer`` (method ``generic``, ``rollout``, ``raw_attention`` or
+            ``attn_gradcam``; ``full_matrix`` and ``aggregate`` are kept).
+        example_inputs: a tensor or a dict of tensors as the explainer takes them; any batch size.
+        path: the .onnx file to write.
+        dynamic_batch: the batch size is free (default); else fixed to the example's.
+        dynamic_sequence: text models: the sequence length is free (default for text).
+        opset_version: ONNX opset (default: the exporter's).
+        check: run ``onnx.checker`` on the written file.
+
+    Returns:
+        the path written.
+    """
+    import onnx
+
+    traced = trace(explainer, example_inputs, decompose=True, dynamic_batch=dynamic_batch,
+                   dynamic_sequence=dynamic_sequence)
+    dims = {BATCH: torch.export.Dim(BATCH, min=1), SEQUENCE: torch.export.Dim(SEQUENCE, min=2)}
+
+    def dynamic(shape):
+        return {i: dims[d] for i, d in enumerate(shape) if isinstance(d, str)} or None
+
+    dynamic_shapes = [dynamic(entry["shape"]) for entry in traced.spec["inputs"]]
+    dynamic_shapes.append(dynamic(traced.spec["target"]["shape"]))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program = torch.onnx.export(traced.graph, traced.example_args, dynamo=True, input_names=traced.input_names,
+                                output_names=list(OUTPUT_NAMES), dynamic_shapes=tuple(dynamic_shapes),
+                                opset_version=opset_version, verbose=False)
+    program.save(str(path))
+    model = onnx.load(str(path))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(traced.spec)
+    onnx.save(model, str(path))
+    if check:
+        onnx.checker.check_model(str(path))
+    return path

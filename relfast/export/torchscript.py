@@ -1,0 +1,141 @@
+"""Model + explainer as one TorchScript file that keeps the fused ``relfast::`` ops.
+
+Loadable by ``torch.jit.load`` (after ``import relfast``) and by C++ linked with the
+``relfast_ops`` library (``CMakeLists.txt``; example: ``cpp/explain.cpp``).
+"""
+import json
+from pathlib import Path
+from typing import Any, List, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..explain.explainer import Explainer
+from .graph import BATCH, SEQUENCE, trace
+
+# Dynamic dimensions in the scripted checks: a negative id; every input shares its size.
+_DIM_IDS = {BATCH: -1, SEQUENCE: -2}
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
+           "int32": torch.int32, "int64": torch.int64}
+
+
+def _dtype_text(dtype: torch.dtype) -> str:
+    # TorchScript's dtypes are plain ints; name the common ones.
+    for candidate, text in ((torch.float32, "float32"), (torch.float64, "float64"), (torch.float16, "float16"),
+                            (torch.bfloat16, "bfloat16"), (torch.int64, "int64"), (torch.int32, "int32"),
+                            (torch.uint8, "uint8"), (torch.bool, "bool")):
+        if dtype == candidate:
+            return text
+    return "dtype code {}".format(dtype)
+
+
+def _shape_text(shape: List[int]) -> str:
+    parts: List[str] = []
+    for d in shape:
+        parts.append("B" if d == -1 else ("N" if d == -2 else str(d)))
+    return "(" + ", ".join(parts) + ")"
+
+
+def check_input(x: Tensor, name: str, dtype: torch.dtype, dtype_name: str, shape: List[int],
+                sizes: List[int]) -> List[int]:
+    """Scripted check of one input: dtype, rank, fixed sizes, and the dynamic sizes (batch,
+    sequence) the inputs share; float inputs must be finite. ``sizes`` holds the dynamic sizes seen
+    so far (-1 = none yet); returns it updated."""
+    where = "relfast (exported explainer): input '" + name + "'"
+    if x.dtype != dtype:
+        raise ValueError(where + " must be {}, got {}".format(dtype_name, _dtype_text(x.dtype)))
+    if x.dim() != len(shape):
+        raise ValueError(where + " must have shape {}, got {}".format(_shape_text(shape), x.shape))
+    for i in range(len(shape)):
+        expected = shape[i]
+        if expected >= 0 and x.size(i) != expected:
+            raise ValueError(where + " must have shape {}, got {}".format(_shape_text(shape), x.shape))
+        if expected < 0:
+            slot = -expected - 1
+            if sizes[slot] >= 0 and x.size(i) != sizes[slot]:
+                raise ValueError(where + " has shape {}, but an earlier input has size {} in that dimension (expected {})"
+                                 .format(x.shape, sizes[slot], _shape_text(shape)))
+            sizes[slot] = x.size(i)
+    if len(shape) > 0 and x.size(0) == 0:
+        raise ValueError(where + " holds an empty batch; there is nothing to explain")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(where + " holds NaN or infinite values")
+    return sizes
+
+
+def check_target(target: Tensor, num_classes: int) -> None:
+    """Scripted check of the target: int64 class indices in [-1, num_classes) (-1 = predicted)."""
+    where = "relfast (exported explainer): input 'target'"
+    if target.dtype != torch.int64:
+        raise ValueError(where + " must be int64 class indices, got {}".format(target.dtype))
+    if target.numel() > 0:
+        low, high = int(target.min()), int(target.max())
+        if low < -1 or high >= num_classes:
+            bad = low if low < -1 else high
+            raise ValueError(where + " holds class {}, out of range for a model with {} classes [0, {}) (-1 = the "
+                             "predicted class)".format(bad, num_classes, num_classes))
+
+
+def to_torchscript(explainer: Explainer, example_inputs: Any, path: Union[str, Path], *, dynamic_batch: bool = True,
+                   dynamic_sequence: Optional[bool] = None) -> Path:
+    """Exports ``explainer`` (its model and method) to one TorchScript file.
+
+    ``forward(*model inputs, target)`` returns ``(logits, relevance, explained_target)`` as
+    :func:`relfast.export.to_onnx` does; the target is an int64 (B,) tensor (-1 = the predicted
+    class). Inputs are validated in the scripted code (a ``ValueError`` naming the input).
+    The relfast ops stay ``relfast::`` calls (the fused kernels); the weights and the device are
+    those of the model at export time. The input description is stored as the module's
+    ``relfast_spec`` attribute (JSON string), and the parts C++ needs as ``relfast_input_names``,
+    ``relfast_num_prefix_tokens`` and ``relfast_patch_grid`` (empty for text models).
+    """
+    traced = trace(explainer, example_inputs, decompose=False, dynamic_batch=dynamic_batch,
+                   dynamic_sequence=dynamic_sequence)
+    graph = traced.graph
+    spec = traced.spec
+    nodes = graph.graph.find_nodes(op="placeholder")
+    last = nodes[-1]
+
+    def append(fn, *args):  # after the placeholders, in call order
+        nonlocal last
+        with graph.graph.inserting_after(last):
+            last = graph.graph.call_function(fn, args)
+        return last
+
+    sizes = append(_initial_sizes)
+    for node, entry in zip(nodes, spec["inputs"]):
+        sizes = append(check_input, node, entry["name"], _DTYPES[entry["dtype"]], entry["dtype"], _script_shape(entry["shape"]), sizes)
+    append(check_input, nodes[-1], "target", torch.int64, "int64", _script_shape(spec["target"]["shape"]), sizes)
+    append(check_target, nodes[-1], spec["num_classes"])
+    # The weights become buffers detached from the user's parameters: the backward is explicit ops
+    # in the graph, so autograd has nothing to record when the file runs.
+    for name, value in list(graph.named_parameters(recurse=False)):
+        delattr(graph, name)
+        graph.register_buffer(name, value.detach())
+    # TorchScript resolves overload packets (not overloads) and has no sym_size.
+    for node in graph.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.aten.sym_size.int:
+            node.target = torch.ops.aten.size
+        elif isinstance(node.target, torch._ops.OpOverload):
+            node.target = node.target.overloadpacket
+    graph.recompile()
+    # Plain attributes for C++ users (cpp/explain.cpp reads them) and the full description.
+    type(graph).__annotations__ = {**getattr(type(graph), "__annotations__", {}), "relfast_patch_grid": List[int]}
+    graph.relfast_spec = json.dumps(spec)
+    graph.relfast_input_names = [entry["name"] for entry in spec["inputs"]]
+    graph.relfast_num_prefix_tokens = int(spec["num_prefix_tokens"])
+    graph.relfast_patch_grid = list(spec["patch_grid"] or [])
+    scripted = torch.jit.script(graph)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scripted.save(str(path))
+    return path
+
+
+def _script_shape(shape: List[Any]) -> List[int]:
+    return [d if isinstance(d, int) else _DIM_IDS[d] for d in shape]
+
+
+def _initial_sizes() -> List[int]:
+    return [-1, -1]

@@ -1,0 +1,183 @@
+"""Serving exported explainers with ONNX Runtime: numpy in, numpy out, no PyTorch needed.
+
+    sess = relfast.runtime.OnnxExplainer("model_explained.onnx")
+    logits, relevance = sess(pixel_values)            # target optional: -1 / None = predicted class
+
+This module imports only numpy and onnxruntime (``relfast`` itself imports without torch when
+torch is absent), so a production image needs neither PyTorch nor the relfast kernels. Inputs are
+validated against the description :func:`relfast.export.to_onnx` stored in the file before ONNX
+Runtime sees them: a ``ValueError`` names the input and what was expected.
+"""
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+METADATA_KEY = "relfast"
+_NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64, "int32": np.int32,
+                 "int64": np.int64}
+
+
+def default_providers() -> List[str]:
+    """ONNX Runtime's CUDA provider when this onnxruntime has it and an NVIDIA GPU is present,
+    else the CPU provider."""
+    import onnxruntime as ort
+
+    has_gpu = os.path.exists("/dev/nvidiactl") or os.environ.get("CUDA_VISIBLE_DEVICES", "") not in ("", "-1")
+    if "CUDAExecutionProvider" in ort.get_available_providers() and has_gpu:
+        if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* pip packages, if installed
+            ort.preload_dlls()
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _shape_text(shape: Sequence[Any]) -> str:
+    return "(" + ", ".join("B" if d == "batch" else "N" if d == "sequence" else str(d) for d in shape) + ")"
+
+
+class OnnxExplainer:
+    """Runs a model + explainer file written by :func:`relfast.export.to_onnx`.
+
+    Args:
+        path: the .onnx file.
+        providers: ONNX Runtime execution providers (default: :func:`default_providers`).
+        session_options: an ``onnxruntime.SessionOptions`` (e.g. thread counts).
+
+    Attributes:
+        spec: the stored description (method, inputs, classes, patch grid, ...).
+        input_names: the model inputs, in call order (the target comes after them).
+        providers: the providers the session actually uses.
+    """
+
+    def __init__(self, path: Union[str, Path], providers: Optional[Sequence[Any]] = None, session_options=None):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"relfast.runtime.OnnxExplainer: no file at {path}")
+        if session_options is None:
+            session_options = ort.SessionOptions()
+            session_options.log_severity_level = 3  # keep provider fallbacks quiet; errors still raise
+        self.session = ort.InferenceSession(str(path), session_options,
+                                            providers=list(providers) if providers else default_providers())
+        stored = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        if stored is None:
+            raise ValueError(f"relfast.runtime.OnnxExplainer: {path} was not written by relfast.export.to_onnx (no "
+                             f"'{METADATA_KEY}' metadata); run plain models with onnxruntime directly")
+        self.spec: Dict[str, Any] = json.loads(stored)
+        self.input_names = [entry["name"] for entry in self.spec["inputs"]]
+        self.providers = self.session.get_providers()
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.spec["num_classes"])
+
+    def __call__(self, *inputs: Any, target: Any = None) -> Tuple[np.ndarray, np.ndarray]:
+        """``logits, relevance = sess(*model_inputs, target=None)``.
+
+        Model inputs: numpy arrays in the order of ``input_names`` (e.g. ``pixel_values``), or one
+        dict of them (what a tokenizer returns with ``return_tensors="np"``). ``target``: None or -1
+        (the predicted class), an int for every sample, or a (B,) array of class indices.
+        Returns float32 ``logits`` (B, C) and ``relevance`` (B, N) (CLS first; (B, N, N) for a
+        full-matrix export).
+        """
+        outputs = self.run(*inputs, target=target)
+        return outputs["logits"], outputs["relevance"]
+
+    def run(self, *inputs: Any, target: Any = None) -> Dict[str, np.ndarray]:
+        """As ``__call__``, returning every output by name: ``logits``, ``relevance`` and
+        ``explained_target`` (the classes explained, (B,))."""
+        feeds = self._feeds(inputs, target)
+        values = self.session.run(None, feeds)
+        return {output.name: value for output, value in zip(self.session.get_outputs(), values)}
+
+    def image_map(self, relevance: np.ndarray) -> np.ndarray:
+        """Vision models: the patch map (B, h_p, w_p) of ``relevance`` (special tokens dropped)."""
+        grid = self.spec.get("patch_grid")
+        if grid is None:
+            raise ValueError("relfast.runtime.OnnxExplainer.image_map: the exported model is not a vision model")
+        prefix = int(self.spec["num_prefix_tokens"])
+        return np.asarray(relevance)[..., prefix:].reshape(*np.shape(relevance)[:-1], *grid)
+
+    # ---- validation ----
+
+    def _feeds(self, inputs: Tuple[Any, ...], target: Any) -> Dict[str, np.ndarray]:
+        where = "relfast.runtime.OnnxExplainer"
+        if len(inputs) == 1 and isinstance(inputs[0], Mapping):
+            given = dict(inputs[0])
+            unknown = sorted(set(given) - set(self.input_names))
+            missing = [n for n in self.input_names if n not in given]
+            if unknown or missing:
+                raise ValueError(f"{where}: the inputs dict must hold exactly {self.input_names}; "
+                                 + (f"unexpected {unknown}" if unknown else "") + (" and " if unknown and missing else "")
+                                 + (f"missing {missing}" if missing else ""))
+            arrays = [given[n] for n in self.input_names]
+        else:
+            if len(inputs) != len(self.input_names):
+                raise ValueError(f"{where}: expected {len(self.input_names)} model input(s) {self.input_names}, got "
+                                 f"{len(inputs)}")
+            arrays = list(inputs)
+        dims: Dict[str, Tuple[int, str]] = {}  # dynamic dimension -> (size, input that set it)
+        feeds = {}
+        for entry, value in zip(self.spec["inputs"], arrays):
+            feeds[entry["name"]] = self._checked(entry, value, dims)
+        batch = dims["batch"][0] if "batch" in dims else int(self.spec["target"]["shape"][0])
+        feeds[self.spec["target"]["name"]] = self._checked_target(target, batch)
+        return feeds
+
+    def _checked(self, entry: Dict[str, Any], value: Any, dims: Dict[str, Tuple[int, str]]) -> np.ndarray:
+        name, shape, dtype = entry["name"], entry["shape"], np.dtype(_NUMPY_DTYPES[entry["dtype"]])
+        where = f"relfast.runtime.OnnxExplainer: input '{name}'"
+        if not isinstance(value, np.ndarray):
+            if type(value).__module__.startswith("torch"):
+                raise ValueError(f"{where} must be a numpy array, got a torch tensor (use .numpy())")
+            raise ValueError(f"{where} must be a numpy array, got {type(value).__name__}")
+        if value.dtype != dtype:
+            raise ValueError(f"{where} must be {dtype}, got {value.dtype}")
+        if value.ndim != len(shape):
+            raise ValueError(f"{where} must have shape {_shape_text(shape)}, got {value.shape}")
+        for axis, (expected, size) in enumerate(zip(shape, value.shape)):
+            if isinstance(expected, int) and size != expected:
+                raise ValueError(f"{where} must have shape {_shape_text(shape)}, got {value.shape} (dimension {axis} "
+                                 f"must be {expected}{', the image size of the model' if self._is_image(entry) else ''})")
+            if isinstance(expected, str):
+                if expected in dims and dims[expected][0] != size:
+                    raise ValueError(f"{where} has shape {value.shape}, but input '{dims[expected][1]}' has {expected} "
+                                     f"size {dims[expected][0]}")
+                dims.setdefault(expected, (size, name))
+        if shape and shape[0] == "batch" and value.shape[0] == 0:
+            raise ValueError(f"{where} holds an empty batch; there is nothing to explain")
+        if np.issubdtype(dtype, np.floating) and not np.isfinite(value).all():
+            raise ValueError(f"{where} holds NaN or infinite values")
+        vocab = self.spec.get("vocab_size")
+        if name == "input_ids" and vocab and value.size and (value.min() < 0 or value.max() >= vocab):
+            bad = value.min() if value.min() < 0 else value.max()
+            raise ValueError(f"{where} holds token id {bad}, out of range for a vocabulary of {vocab}")
+        return np.ascontiguousarray(value)
+
+    def _is_image(self, entry: Dict[str, Any]) -> bool:
+        return self.spec.get("patch_grid") is not None and len(entry["shape"]) == 4
+
+    def _checked_target(self, target: Any, batch: int) -> np.ndarray:
+        where = "relfast.runtime.OnnxExplainer: argument 'target'"
+        if target is None:
+            return np.full((batch,), -1, dtype=np.int64)
+        if isinstance(target, (bool, np.bool_)):
+            raise ValueError(f"{where} must be a class index, got a bool")
+        if isinstance(target, (int, np.integer)):
+            values = np.full((batch,), int(target), dtype=np.int64)
+        else:
+            values = np.asarray(target)
+            if not np.issubdtype(values.dtype, np.integer):
+                raise ValueError(f"{where} must hold integer class indices, got {values.dtype}")
+            if values.shape != (batch,):
+                raise ValueError(f"{where} must be an int or have shape ({batch},) (one class per sample), got "
+                                 f"{values.shape}")
+            values = values.astype(np.int64)
+        if values.size and (values.min() < -1 or values.max() >= self.num_classes):
+            bad = values.min() if values.min() < -1 else values.max()
+            raise ValueError(f"{where} holds class {bad}, out of range for a model with {self.num_classes} classes "
+                             f"[0, {self.num_classes}) (-1 = the predicted class)")
+        return values
