@@ -37,6 +37,7 @@ demo: install
 	$(PY) examples/demo_ops.py
 	$(PY) examples/demo_explain_text.py
 	$(PY) examples/demo_explain_images.py out
+	$(PY) examples/demo_export.py out
 
 bench: install
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,rounds -q

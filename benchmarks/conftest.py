@@ -252,10 +252,42 @@ def _explain_summary(terminalreporter):
           f"{num(ratio(ref, rel), '.2f'):>9}")
 
 
+# (bench_export.py, serving exported explainers).
+EXPORT_RESULTS = defaultdict(dict)
+
+
+@pytest.fixture
+def export_results():
+    return EXPORT_RESULTS
+
+
+def _export_summary(terminalreporter):
+    w = terminalreporter.write_line
+    terminalreporter.write_sep("-", "exported explainer, CPU (medians)")
+    w("xeager = ORT explanation / eager PyTorch explanation (target <= 1); xplain = ORT explanation / ORT plain "
+      "inference (target <= 2.5)")
+    w(f"{'model':<8}{'B':>3}{'ORT plain ms':>14}{'ORT explain ms':>16}{'TS explain ms':>15}{'eager ms':>10}"
+      f"{'xeager':>8}{'xplain':>8}")
+    for (name, B), t in sorted(EXPORT_RESULTS.items()):
+        plain, ort_exp, ts_exp, eager = (t.get(k) for k in ("ort_plain", "ort_explain", "torchscript_explain",
+                                                             "eager_explain"))
+
+        def ms(x):
+            return "-" if x is None else f"{x * 1e3:.2f}"
+
+        def ratio(a, b):
+            return "-" if not (a and b) else f"{a / b:.2f}"
+
+        w(f"{name:<8}{B:>3}{ms(plain):>14}{ms(ort_exp):>16}{ms(ts_exp):>15}{ms(eager):>10}"
+          f"{ratio(ort_exp, eager):>8}{ratio(ort_exp, plain):>8}")
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter):
     if EXPLAIN_RESULTS:
         _explain_summary(terminalreporter)
+    if EXPORT_RESULTS:
+        _export_summary(terminalreporter)
     if not (RESULTS or COPY_BPS):
         return
     w = terminalreporter.write_line
