@@ -19,13 +19,16 @@
 
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
-#include <iterator>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "example_io.h"
+
 namespace {
+
+using relfast_examples::read_file;
+using relfast_examples::write_file;
 
 constexpr const char* kProgram = "relfast_explain";
 
@@ -75,12 +78,6 @@ Options parse_args(int argc, char** argv) {
   opt.module_path = positional.front();
   opt.input_paths.assign(positional.begin() + 1, positional.end());
   return opt;
-}
-
-std::vector<char> read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error("cannot open '" + path + "'");
-  return std::vector<char>(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }
 
 // The module's device: where its weights were at export time (its first tensor attribute).
@@ -145,10 +142,7 @@ int run(const Options& opt) {
   }
   std::fflush(stdout);
   if (!opt.output_path.empty()) {
-    const std::vector<char> data = torch::pickle_save(c10::ivalue::Tuple::create({logits, relevance, explained}));
-    std::ofstream out(opt.output_path, std::ios::binary);
-    out.write(data.data(), static_cast<std::streamsize>(data.size()));
-    if (!out) throw std::runtime_error("cannot write '" + opt.output_path + "'");
+    write_file(opt.output_path, torch::pickle_save(c10::ivalue::Tuple::create({logits, relevance, explained})));
   }
   return 0;
 }

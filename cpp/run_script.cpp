@@ -42,7 +42,12 @@
 #include <string>
 #include <vector>
 
+#include "example_io.h"
+
 namespace {
+
+using relfast_examples::read_file;
+using relfast_examples::write_file;
 
 constexpr const char* kProgram = "relfast_run_script";
 
@@ -115,18 +120,6 @@ Options parse_args(int argc, char** argv) {
   opt.module_path = positional.front();
   opt.input_paths.assign(positional.begin() + 1, positional.end());
   return opt;
-}
-
-std::vector<char> read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error("cannot open '" + path + "'");
-  return std::vector<char>(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-void write_file(const std::string& path, const std::vector<char>& data) {
-  std::ofstream out(path, std::ios::binary);
-  out.write(data.data(), static_cast<std::streamsize>(data.size()));
-  if (!out) throw std::runtime_error("cannot write '" + path + "'");
 }
 
 // The relfast:: operators known to the dispatcher, i.e. registered by the loaded relfast_ops.

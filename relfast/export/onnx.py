@@ -1,5 +1,6 @@
 """Model + explainer as one ONNX graph, runnable by any ONNX Runtime build."""
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -50,9 +51,13 @@ def to_onnx(explainer: Explainer, example_inputs: Any, path: Union[str, Path], *
     dynamic_shapes.append(dynamic(traced.spec["target"]["shape"]))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    program = torch.onnx.export(traced.graph, traced.example_args, dynamo=True, input_names=traced.input_names,
-                                output_names=list(OUTPUT_NAMES), dynamic_shapes=tuple(dynamic_shapes),
-                                opset_version=opset_version, verbose=False)
+    traced.graph.eval()  # the graph has no training behaviour; this silences the exporter's warning
+    with warnings.catch_warnings():
+        # The exporter names each dynamic axis once; inputs sharing "batch" make it warn about that.
+        warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints")
+        program = torch.onnx.export(traced.graph, traced.example_args, dynamo=True, input_names=traced.input_names,
+                                    output_names=list(OUTPUT_NAMES), dynamic_shapes=tuple(dynamic_shapes),
+                                    opset_version=opset_version, verbose=False)
     program.save(str(path))
     model = onnx.load(str(path))
     entry = model.metadata_props.add()

@@ -4,6 +4,7 @@ Loadable by ``torch.jit.load`` (after ``import relfast``) and by C++ linked with
 ``relfast_ops`` library (``CMakeLists.txt``; example: ``cpp/explain.cpp``).
 """
 import json
+import warnings
 from pathlib import Path
 from typing import Any, List, Optional, Union
 
@@ -126,7 +127,11 @@ def to_torchscript(explainer: Explainer, example_inputs: Any, path: Union[str, P
     graph.relfast_input_names = [entry["name"] for entry in spec["inputs"]]
     graph.relfast_num_prefix_tokens = int(spec["num_prefix_tokens"])
     graph.relfast_patch_grid = list(spec["patch_grid"] or [])
-    scripted = torch.jit.script(graph)
+    with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export, but C++ loads TorchScript
+        warnings.filterwarnings("ignore", message="`torch.jit.", category=FutureWarning)
+        # about torch.fx.GraphModule's own __init__, which is not scripted
+        warnings.filterwarnings("ignore", message="The TorchScript type system doesn't support instance-level")
+        scripted = torch.jit.script(graph)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     scripted.save(str(path))
