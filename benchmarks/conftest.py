@@ -226,6 +226,14 @@ def measure(benchmark, request):
 EXPLAIN_RESULTS = defaultdict(dict)
 
 
+def _num(x, spec, scale=1.0):
+    return "-" if x is None else format(x * scale, spec)
+
+
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
 @pytest.fixture
 def explain_results():
     return EXPLAIN_RESULTS
@@ -239,17 +247,11 @@ def _explain_summary(terminalreporter):
     w(f"{'model':<8}{'B':>3}{'fwd ms':>10}{'floor ms':>10}{'relfast ms':>12}{'ref ms':>10}"
       f"{'xfwd':>7}{'xfloor':>8}{'speedup':>9}")
 
-    def num(x, spec, scale=1.0):
-        return "-" if x is None else format(x * scale, spec)
-
-    def ratio(a, b):
-        return a / b if a and b else None
-
     for (name, B), t in sorted(EXPLAIN_RESULTS.items()):
         fwd, flo, rel, ref = (t.get(k) for k in ("forward", "floor", "relfast", "reference"))
-        w(f"{name:<8}{B:>3}{num(fwd, '.1f', 1e3):>10}{num(flo, '.1f', 1e3):>10}{num(rel, '.1f', 1e3):>12}"
-          f"{num(ref, '.1f', 1e3):>10}{num(ratio(rel, fwd), '.2f'):>7}{num(ratio(rel, flo), '.2f'):>8}"
-          f"{num(ratio(ref, rel), '.2f'):>9}")
+        w(f"{name:<8}{B:>3}{_num(fwd, '.1f', 1e3):>10}{_num(flo, '.1f', 1e3):>10}{_num(rel, '.1f', 1e3):>12}"
+          f"{_num(ref, '.1f', 1e3):>10}{_num(_ratio(rel, fwd), '.2f'):>7}{_num(_ratio(rel, flo), '.2f'):>8}"
+          f"{_num(_ratio(ref, rel), '.2f'):>9}")
 
 
 # (bench_export.py, serving exported explainers).
@@ -271,15 +273,9 @@ def _export_summary(terminalreporter):
     for (name, B), t in sorted(EXPORT_RESULTS.items()):
         plain, ort_exp, ts_exp, eager = (t.get(k) for k in ("ort_plain", "ort_explain", "torchscript_explain",
                                                              "eager_explain"))
-
-        def ms(x):
-            return "-" if x is None else f"{x * 1e3:.2f}"
-
-        def ratio(a, b):
-            return "-" if not (a and b) else f"{a / b:.2f}"
-
-        w(f"{name:<8}{B:>3}{ms(plain):>14}{ms(ort_exp):>16}{ms(ts_exp):>15}{ms(eager):>10}"
-          f"{ratio(ort_exp, eager):>8}{ratio(ort_exp, plain):>8}")
+        w(f"{name:<8}{B:>3}{_num(plain, '.2f', 1e3):>14}{_num(ort_exp, '.2f', 1e3):>16}"
+          f"{_num(ts_exp, '.2f', 1e3):>15}{_num(eager, '.2f', 1e3):>10}"
+          f"{_num(_ratio(ort_exp, eager), '.2f'):>8}{_num(_ratio(ort_exp, plain), '.2f'):>8}")
 
 
 @pytest.hookimpl(trylast=True)
@@ -300,19 +296,13 @@ def pytest_terminal_summary(terminalreporter):
               f"{'GB/s':>8}{'floor ms':>10}{'x floor':>9}" + (f"{'%copy':>7}" if COPY_BPS else ""))
     w(header)
 
-    def num(x, spec, scale=1.0):
-        return "-" if x is None else format(x * scale, spec)
-
-    def ratio(a, b):
-        return a / b if a and b else None
-
     for (op, shape, dev), t in sorted(RESULTS.items()):
         fused, eager, floor = t.get("relfast"), t.get("torch"), t.get("floor")
-        bps = ratio(BYTES.get((op, shape, dev)), fused)
-        speedup = ratio(eager, fused)
-        row = (f"{op:<22}{shape:<10}{dev:<5}{num(fused, '.3f', 1e3):>11}{num(eager, '.3f', 1e3):>10}"
-               f"{num(speedup, '.2f') + ('x' if speedup else ''):>9}{num(bps, '.1f', 1e-9):>8}"
-               f"{num(floor, '.3f', 1e3):>10}{num(ratio(fused, floor), '.2f'):>9}")
+        bps = _ratio(BYTES.get((op, shape, dev)), fused)
+        speedup = _ratio(eager, fused)
+        row = (f"{op:<22}{shape:<10}{dev:<5}{_num(fused, '.3f', 1e3):>11}{_num(eager, '.3f', 1e3):>10}"
+               f"{_num(speedup, '.2f') + ('x' if speedup else ''):>9}{_num(bps, '.1f', 1e-9):>8}"
+               f"{_num(floor, '.3f', 1e3):>10}{_num(_ratio(fused, floor), '.2f'):>9}")
         if COPY_BPS:
-            row += f"{num(ratio(bps, COPY_BPS.get(dev)), '.0f', 100):>7}"
+            row += f"{_num(_ratio(bps, COPY_BPS.get(dev)), '.0f', 100):>7}"
         w(row)

@@ -25,7 +25,7 @@ def default_providers() -> List[str]:
     else the CPU provider."""
     import onnxruntime as ort
 
-    has_gpu = os.path.exists("/dev/nvidiactl") or os.environ.get("CUDA_VISIBLE_DEVICES", "") not in ("", "-1")
+    has_gpu = os.path.exists("/dev/nvidiactl")  # the NVIDIA driver's control device
     if "CUDAExecutionProvider" in ort.get_available_providers() and has_gpu:
         if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* pip packages, if installed
             ort.preload_dlls()

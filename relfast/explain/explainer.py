@@ -107,16 +107,29 @@ class Explainer:
         num_classes = None if self.adapter.needs_callable_target else \
             getattr(getattr(self.model, "config", None), "num_labels", None)
         fixed_target = None if target is None or callable(target) else _as_target_tensor(target, num_classes)
+
+        def explained_classes(logits: Tensor, batch: int) -> Optional[Tensor]:
+            if fixed_target is not None and fixed_target.dim() >= 1 and fixed_target.shape[0] not in (1, batch):
+                raise ValueError(f"relfast.Explainer: argument 'target' holds {fixed_target.shape[0]} rows but the "
+                                 f"batch has {batch} samples")
+            return self._target(logits, target, fixed_target, batch)
+
+        logits, explained, relevance = self._explain(inputs, target, explained_classes)
+        return Explanation(logits, explained, relevance, self.adapter)
+
+    def _explain(self, inputs: Any, target: TargetSpec,
+                 explained_classes: Callable[[Tensor, int], Optional[Tensor]]):
+        """The forward with attention probabilities, then the method's relevance, with eager
+        attention and frozen weights for the call; ``explained_classes(logits, batch)`` picks the
+        classes. Returns (logits, explained classes, float32 relevance). Also what
+        ``relfast.export`` traces."""
         with self.adapter.eager_attention(), self.adapter.gradients_from_inputs_only(), torch.enable_grad():
             logits, attentions, batch = self.adapter.forward(inputs)
             attentions = list(attentions)
             _check_attentions(attentions, batch)
-            if fixed_target is not None and fixed_target.dim() >= 1 and fixed_target.shape[0] not in (1, batch):
-                raise ValueError(f"relfast.Explainer: argument 'target' holds {fixed_target.shape[0]} rows but the "
-                                 f"batch has {batch} samples")
-            explained = self._target(logits, target, fixed_target, batch)
+            explained = explained_classes(logits, batch)
             relevance = self._relevance(logits, attentions, target, explained)
-        return Explanation(logits.detach(), explained, relevance.float(), self.adapter)
+        return logits.detach(), explained, relevance.detach().float()
 
     # ---- targets ----
 

@@ -30,7 +30,7 @@ class TracedExplanation:
     """A traced explainer and what a runtime needs to know about its inputs.
 
     Attributes:
-        graph: (*model inputs, target) -> (logits, relevance, target).
+        graph: (*model inputs, target) -> (logits, relevance, explained_target).
         example_args: the arguments it was traced with (batch >= 2).
         spec: JSON-able description: method, inputs (name, dtype, shape with "batch"/"sequence"
             for dynamic dimensions), the target, outputs and model facts (classes, vocabulary,
@@ -81,17 +81,13 @@ def _check_exportable(explainer: Explainer, named: Dict[str, Tensor], dynamic_se
 
 
 def _explanation_function(explainer: Explainer, names: List[str]):
-    adapter = explainer.adapter
-
     def explain(*args: Tensor):
         *model_args, target = args
-        inputs = dict(zip(names, model_args))
-        with adapter.eager_attention(), adapter.gradients_from_inputs_only(), torch.enable_grad():
-            logits, attentions, _ = adapter.forward(inputs if len(inputs) > 1 else model_args[0])
-            attentions = list(attentions)
-            explained = torch.where(target < 0, logits.detach().argmax(dim=-1), target)
-            relevance = explainer._relevance(logits, attentions, None, explained)
-        return logits.detach(), relevance.detach().float(), explained
+        inputs = dict(zip(names, model_args)) if len(names) > 1 else model_args[0]
+        # In the graph: -1 selects the predicted class, per sample.
+        logits, explained, relevance = explainer._explain(
+            inputs, None, lambda logits, _: torch.where(target < 0, logits.argmax(dim=-1), target))
+        return logits, relevance, explained  # OUTPUT_NAMES
 
     return explain
 
@@ -146,7 +142,7 @@ def trace(explainer: Explainer, example_inputs: Any, *, decompose: bool, dynamic
         return dims
 
     config = getattr(explainer.model, "config", None)
-    logits = graph(*args)[0]
+    logits = graph.graph.output_node().args[0][0].meta["val"]  # the traced output's (fake) tensor
     spec = {
         "format": "relfast-explained-model/1",
         "method": explainer.method,

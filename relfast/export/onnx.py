@@ -7,9 +7,9 @@ from typing import Any, Optional, Union
 import torch
 
 from ..explain.explainer import Explainer
+from ..runtime import METADATA_KEY  # the runtime reads what this writes (it imports no torch)
 from .graph import BATCH, OUTPUT_NAMES, SEQUENCE, trace
 
-METADATA_KEY = "relfast"
 
 
 def to_onnx(explainer: Explainer, example_inputs: Any, path: Union[str, Path], *, dynamic_batch: bool = True,
@@ -58,11 +58,8 @@ def to_onnx(explainer: Explainer, example_inputs: Any, path: Union[str, Path], *
         program = torch.onnx.export(traced.graph, traced.example_args, dynamo=True, input_names=traced.input_names,
                                     output_names=list(OUTPUT_NAMES), dynamic_shapes=tuple(dynamic_shapes),
                                     opset_version=opset_version, verbose=False)
+    program.model.metadata_props[METADATA_KEY] = json.dumps(traced.spec)
     program.save(str(path))
-    model = onnx.load(str(path))
-    entry = model.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(traced.spec)
-    onnx.save(model, str(path))
     if check:
         onnx.checker.check_model(str(path))
     return path

@@ -16,8 +16,6 @@ from .graph import BATCH, SEQUENCE, trace
 
 # Dynamic dimensions in the scripted checks: a negative id; every input shares its size.
 _DIM_IDS = {BATCH: -1, SEQUENCE: -2}
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
-           "int32": torch.int32, "int64": torch.int64}
 
 
 def _dtype_text(dtype: torch.dtype) -> str:
@@ -37,44 +35,39 @@ def _shape_text(shape: List[int]) -> str:
     return "(" + ", ".join(parts) + ")"
 
 
-def check_input(x: Tensor, name: str, dtype: torch.dtype, dtype_name: str, shape: List[int],
-                sizes: List[int]) -> List[int]:
-    """Scripted check of one input: dtype, rank, fixed sizes, and the dynamic sizes (batch,
-    sequence) the inputs share; float inputs must be finite. ``sizes`` holds the dynamic sizes seen
-    so far (-1 = none yet); returns it updated."""
-    where = "relfast (exported explainer): input '" + name + "'"
-    if x.dtype != dtype:
-        raise ValueError(where + " must be {}, got {}".format(dtype_name, _dtype_text(x.dtype)))
-    if x.dim() != len(shape):
-        raise ValueError(where + " must have shape {}, got {}".format(_shape_text(shape), x.shape))
-    for i in range(len(shape)):
-        expected = shape[i]
-        if expected >= 0 and x.size(i) != expected:
+def check_inputs(inputs: List[Tensor], names: List[str], dtypes: List[str], shapes: List[List[int]],
+                 num_classes: int) -> None:
+    """Scripted checks of the inputs, the target last: dtype, rank, fixed sizes, the dynamic sizes
+    (batch, sequence) they share, finite floats, and target classes in [-1, num_classes)."""
+    sizes = [-1, -1]  # the dynamic sizes seen so far (-1 = none yet)
+    for k in range(len(inputs)):
+        x, shape = inputs[k], shapes[k]
+        where = "relfast (exported explainer): input '" + names[k] + "'"
+        if _dtype_text(x.dtype) != dtypes[k]:
+            raise ValueError(where + " must be {}, got {}".format(dtypes[k], _dtype_text(x.dtype)))
+        if x.dim() != len(shape):
             raise ValueError(where + " must have shape {}, got {}".format(_shape_text(shape), x.shape))
-        if expected < 0:
-            slot = -expected - 1
-            if sizes[slot] >= 0 and x.size(i) != sizes[slot]:
-                raise ValueError(where + " has shape {}, but an earlier input has size {} in that dimension (expected {})"
-                                 .format(x.shape, sizes[slot], _shape_text(shape)))
-            sizes[slot] = x.size(i)
-    if len(shape) > 0 and x.size(0) == 0:
-        raise ValueError(where + " holds an empty batch; there is nothing to explain")
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        raise ValueError(where + " holds NaN or infinite values")
-    return sizes
-
-
-def check_target(target: Tensor, num_classes: int) -> None:
-    """Scripted check of the target: int64 class indices in [-1, num_classes) (-1 = predicted)."""
-    where = "relfast (exported explainer): input 'target'"
-    if target.dtype != torch.int64:
-        raise ValueError(where + " must be int64 class indices, got {}".format(target.dtype))
+        for i in range(len(shape)):
+            expected = shape[i]
+            if expected >= 0 and x.size(i) != expected:
+                raise ValueError(where + " must have shape {}, got {}".format(_shape_text(shape), x.shape))
+            if expected < 0:
+                slot = -expected - 1
+                if sizes[slot] >= 0 and x.size(i) != sizes[slot]:
+                    raise ValueError(where + " has shape {}, but an earlier input has size {} in that dimension "
+                                     "(expected {})".format(x.shape, sizes[slot], _shape_text(shape)))
+                sizes[slot] = x.size(i)
+        if len(shape) > 0 and x.size(0) == 0:
+            raise ValueError(where + " holds an empty batch; there is nothing to explain")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError(where + " holds NaN or infinite values")
+    target = inputs[-1]
     if target.numel() > 0:
         low, high = int(target.min()), int(target.max())
         if low < -1 or high >= num_classes:
             bad = low if low < -1 else high
-            raise ValueError(where + " holds class {}, out of range for a model with {} classes [0, {}) (-1 = the "
-                             "predicted class)".format(bad, num_classes, num_classes))
+            raise ValueError("relfast (exported explainer): input 'target' holds class {}, out of range for a model "
+                             "with {} classes [0, {}) (-1 = the predicted class)".format(bad, num_classes, num_classes))
 
 
 def to_torchscript(explainer: Explainer, example_inputs: Any, path: Union[str, Path], *, dynamic_batch: bool = True,
@@ -94,19 +87,11 @@ def to_torchscript(explainer: Explainer, example_inputs: Any, path: Union[str, P
     graph = traced.graph
     spec = traced.spec
     nodes = graph.graph.find_nodes(op="placeholder")
-    last = nodes[-1]
-
-    def append(fn, *args):  # after the placeholders, in call order
-        nonlocal last
-        with graph.graph.inserting_after(last):
-            last = graph.graph.call_function(fn, args)
-        return last
-
-    sizes = append(_initial_sizes)
-    for node, entry in zip(nodes, spec["inputs"]):
-        sizes = append(check_input, node, entry["name"], _DTYPES[entry["dtype"]], entry["dtype"], _script_shape(entry["shape"]), sizes)
-    append(check_input, nodes[-1], "target", torch.int64, "int64", _script_shape(spec["target"]["shape"]), sizes)
-    append(check_target, nodes[-1], spec["num_classes"])
+    entries = spec["inputs"] + [spec["target"]]  # the placeholders' order: model inputs, then the target
+    with graph.graph.inserting_after(nodes[-1]):
+        graph.graph.call_function(check_inputs, (list(nodes), [e["name"] for e in entries],
+                                                 [e["dtype"] for e in entries],
+                                                 [_script_shape(e["shape"]) for e in entries], spec["num_classes"]))
     # The weights become buffers detached from the user's parameters: the backward is explicit ops
     # in the graph, so autograd has nothing to record when the file runs.
     for name, value in list(graph.named_parameters(recurse=False)):
@@ -140,7 +125,3 @@ def to_torchscript(explainer: Explainer, example_inputs: Any, path: Union[str, P
 
 def _script_shape(shape: List[Any]) -> List[int]:
     return [d if isinstance(d, int) else _DIM_IDS[d] for d in shape]
-
-
-def _initial_sizes() -> List[int]:
-    return [-1, -1]
