@@ -36,7 +36,7 @@ def main(out_dir="out"):
     print(f"ONNX Runtime ({', '.join(session.providers)}) vs eager PyTorch: max relative error of the relevance "
           f"{error:.1e}")
     maps = torch.from_numpy(session.image_map(relevance))[:, None]  # (4, 1, 8, 8)
-    maps = F.interpolate(maps, scale_factor=explainer.adapter.patch_size, mode="bilinear", align_corners=False)[:, 0]
+    maps = F.interpolate(maps, scale_factor=explainer.layout.patch_size, mode="bilinear", align_corners=False)[:, 0]
     for i in range(len(images)):
         predicted = CLASSES[int(logits[i].argmax())]
         normalised = (maps[i] - maps[i].min()) / (maps[i].max() - maps[i].min()).clamp_min(1e-12)

@@ -17,9 +17,9 @@ except ImportError:  # serving without PyTorch: relfast.runtime only
 else:
     from . import _C  # noqa: F401  (registers the relfast:: operators)
     from . import data, models, ops, reference, viz  # matplotlib and transformers load lazily
-    from .explain import Explainer, Explanation
+    from .explain import Explainer, Explanation, TokenLayout
 
-    __all__ = ["ops", "reference", "Explainer", "Explanation", "viz", "data", "models", "export", "runtime"]
+    __all__ = ["ops", "reference", "Explainer", "Explanation", "TokenLayout", "viz", "data", "models", "export", "runtime"]
 
 
 def __getattr__(name):  # relfast.export / relfast.runtime load on first use (onnx is imported lazily)

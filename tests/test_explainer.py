@@ -211,24 +211,43 @@ def test_image_map_drops_special_tokens_and_upsamples():
     assert torch.allclose(pixels.amin(dim=(1, 2)), torch.zeros(2)) and torch.allclose(pixels.amax(dim=(1, 2)), torch.ones(2))
 
 
-def test_timm_fused_attention_is_restored_after_the_call():
+def test_timm_with_and_without_fused_attention_agree():
     model = make("timm-vit")
     assert all(b.attn.fused_attn for b in model.blocks)
-    relfast.Explainer(model)(inputs_for("timm-vit", batch=2)["pixel_values"])
+    pixels = inputs_for("timm-vit", batch=2)["pixel_values"]
+    fused = relfast.Explainer(model)(pixels)
     assert all(b.attn.fused_attn for b in model.blocks)
-    assert all(not b.attn.attn_drop._forward_hooks for b in model.blocks)
+    for b in model.blocks:  # the user's choice: explicit softmax attention
+        b.attn.fused_attn = False
+    torch.testing.assert_close(relfast.Explainer(model)(pixels).relevance, fused.relevance)
+    assert not any(b.attn.fused_attn for b in model.blocks)
 
 
-def test_sdpa_model_is_switched_to_eager_for_the_call_and_back():
+@pytest.mark.parametrize("method", relfast.explain.METHODS)
+def test_sdpa_model_keeps_sdpa_and_gives_the_eager_result(method):
     torch.manual_seed(0)
     model = vit().double().eval()
-    assert model.config._attn_implementation != "eager"
-    before = model.config._attn_implementation
+    assert model.config._attn_implementation == "sdpa"
     inputs = inputs_for("vit", batch=2)
-    out = relfast.Explainer(model)(inputs)
-    assert model.config._attn_implementation == before
+    out = relfast.Explainer(model, method)(inputs)
+    assert model.config._attn_implementation == "sdpa"
     eager = make("vit")
-    torch.testing.assert_close(out.relevance, relfast.Explainer(eager)(inputs).relevance)
+    torch.testing.assert_close(out.relevance, relfast.Explainer(eager, method)(inputs).relevance)
+
+
+def test_attention_the_engine_cannot_see_is_an_error():
+    model = make("vit")
+    model.config._attn_implementation = "flash_attention_2"  # as a model loaded with it reports
+    with pytest.raises(ValueError, match="'flash_attention_2'.*attn_implementation='sdpa'"):
+        relfast.Explainer(model)(inputs_for("vit", 2))
+
+
+def test_layers_with_another_attention_implementation_are_counted():
+    model = make("vit")  # eager in the config, but one layer runs SDPA: its map would be missing
+    model.vit.layers[1].attention.config = type(model.config).from_dict(
+        {**model.config.to_dict(), "_attn_implementation": "sdpa"})
+    with pytest.raises(ValueError, match="ran scaled_dot_product_attention in some layers|attention layers but"):
+        relfast.Explainer(model)(inputs_for("vit", 2))
 
 
 BAD = {

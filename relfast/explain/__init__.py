@@ -1,7 +1,8 @@
 """Explainers for unmodified models: ``relfast.Explainer``."""
-from .adapters import Adapter, adapter_for, register
 from .explainer import METHODS, Explainer, Explanation
-from .targets import mean_pool, mean_pooled_cosine
+from .families import Family, family_for, register
+from .layout import TokenLayout
+from .targets import Targets, mean_pool, mean_pooled_cosine
 
-__all__ = ["Explainer", "Explanation", "METHODS", "Adapter", "adapter_for", "register", "mean_pool",
-           "mean_pooled_cosine"]
+__all__ = ["Explainer", "Explanation", "METHODS", "TokenLayout", "Targets", "Family", "family_for", "register",
+           "mean_pool", "mean_pooled_cosine"]

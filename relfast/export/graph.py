@@ -11,10 +11,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch._decomp import get_decompositions
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .. import reference
 from ..explain.explainer import Explainer
+from ..explain.targets import Targets
 
 OUTPUT_NAMES = ("logits", "relevance", "explained_target")
 TARGET_NAME = "target"
@@ -23,6 +25,9 @@ BATCH, SEQUENCE = "batch", "sequence"
 # relfast op -> its plain-PyTorch definition: graphs for runtimes without the relfast library.
 REFERENCE_DECOMPOSITIONS = {getattr(torch.ops.relfast, name).default: getattr(reference, name)
                             for name in reference.__all__}
+# ... plus the backward ops the ONNX exporter has no function for (SiLU's: the Llama, Qwen2 and
+# Mistral MLPs), so that the decomposed graph holds only ops every ONNX runtime has.
+PORTABLE_DECOMPOSITIONS = {**REFERENCE_DECOMPOSITIONS, **get_decompositions([torch.ops.aten.silu_backward])}
 
 
 @dataclass
@@ -47,7 +52,7 @@ class TracedExplanation:
 
 
 def _named_inputs(explainer: Explainer, example_inputs: Any) -> Dict[str, Tensor]:
-    vision = explainer.adapter.patch_grid is not None
+    vision = explainer.layout.is_vision
     if isinstance(example_inputs, Tensor):
         return {"pixel_values" if vision else "input_ids": example_inputs}
     if isinstance(example_inputs, dict) or hasattr(example_inputs, "keys"):
@@ -66,7 +71,7 @@ def _trace_batch(named: Dict[str, Tensor]) -> int:
 
 
 def _check_exportable(explainer: Explainer, named: Dict[str, Tensor], dynamic_sequence: bool) -> None:
-    if explainer.adapter.needs_callable_target:
+    if explainer.family.needs_callable_target:
         raise ValueError(f"relfast.export: the {type(explainer.model).__name__} model has no classification head; "
                          "its explanations need a callable target, which an exported graph cannot take")
     batches = {t.shape[0] if t.dim() else None for t in named.values()}
@@ -85,8 +90,7 @@ def _explanation_function(explainer: Explainer, names: List[str]):
         *model_args, target = args
         inputs = dict(zip(names, model_args)) if len(names) > 1 else model_args[0]
         # In the graph: -1 selects the predicted class, per sample.
-        logits, explained, relevance = explainer._explain(
-            inputs, None, lambda logits, _: torch.where(target < 0, logits.argmax(dim=-1), target))
+        logits, explained, relevance = explainer._explain(inputs, Targets(graph_tensor=target), traced=True)
         return logits, relevance, explained  # OUTPUT_NAMES
 
     return explain
@@ -102,7 +106,8 @@ def trace(explainer: Explainer, example_inputs: Any, *, decompose: bool, dynamic
 
     Args:
         decompose: replace relfast ops by their ``relfast.reference`` definitions (for runtimes
-            without the relfast library, e.g. ONNX); else keep them as ``relfast::`` calls.
+            without the relfast library, e.g. ONNX), and the backward ops ONNX lacks by plain
+            ones; else keep them as ``relfast::`` calls.
         dynamic_batch: the batch size stays a free dimension (else the example's is fixed).
         dynamic_sequence: text models: the sequence length stays free (default True for text).
     """
@@ -110,7 +115,7 @@ def trace(explainer: Explainer, example_inputs: Any, *, decompose: bool, dynamic
         raise ValueError(f"relfast.export: argument 'explainer' must be a relfast.Explainer, got "
                          f"{type(explainer).__name__}")
     named = _named_inputs(explainer, example_inputs)
-    vision = explainer.adapter.patch_grid is not None
+    vision = explainer.layout.is_vision
     dynamic_sequence = (not vision) if dynamic_sequence is None else dynamic_sequence
     if dynamic_sequence and vision:
         raise ValueError("relfast.export: 'dynamic_sequence' applies to text models; a vision model's number of "
@@ -127,7 +132,7 @@ def trace(explainer: Explainer, example_inputs: Any, *, decompose: bool, dynamic
     explain = _explanation_function(explainer, names)
     graph = make_fx(explain, tracing_mode="symbolic" if dynamic_batch or dynamic_sequence else "real",
                     _allow_non_fake_inputs=True,
-                    decomposition_table=REFERENCE_DECOMPOSITIONS if decompose else None)(*args)
+                    decomposition_table=PORTABLE_DECOMPOSITIONS if decompose else None)(*args)
     # The exporter and TorchScript see the graph's own argument names.
     for node, name in zip(graph.graph.find_nodes(op="placeholder"), names + [TARGET_NAME]):
         node.name = node.target = name
@@ -154,8 +159,8 @@ def trace(explainer: Explainer, example_inputs: Any, *, decompose: bool, dynamic
         "outputs": list(OUTPUT_NAMES),
         "num_classes": int(logits.shape[-1]),
         "vocab_size": getattr(config, "vocab_size", None) if not vision else None,
-        "num_prefix_tokens": explainer.adapter.num_prefix_tokens,
-        "patch_grid": list(explainer.adapter.patch_grid) if vision else None,
-        "patch_size": explainer.adapter.patch_size,
+        "num_prefix_tokens": explainer.layout.prefix_tokens,
+        "patch_grid": list(explainer.layout.patch_grid) if vision else None,
+        "patch_size": list(explainer.layout.patch_size) if explainer.layout.patch_size else None,
     }
     return TracedExplanation(graph, args, spec)

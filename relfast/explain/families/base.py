@@ -1,0 +1,213 @@
+"""What the engine needs from a model family, and the registry of families.
+
+Adding a family is one small file: subclass :class:`Family`, implement ``matches``, ``parse``
+(inputs -> a :class:`ModelCall`, every check before any work) and, where the model's output is
+not the (B, C) scores, ``scores``; set its :class:`TokenLayout`; decorate it with ``@register``.
+The engine sees the attention itself (``relfast.explain.capture``): a family never touches it.
+"""
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple, Type
+
+import torch
+from torch import Tensor
+
+from ..layout import TokenLayout
+
+_FAMILIES: List[Type["Family"]] = []
+
+
+def register(cls: Type["Family"]) -> Type["Family"]:
+    _FAMILIES.append(cls)
+    return cls
+
+
+@dataclass
+class ModelCall:
+    """One parsed call of the model.
+
+    Attributes:
+        kwargs: the model's keyword inputs (positional: under ``args``).
+        batch: B.
+        num_tokens: N when the inputs fix it (text: the sequence length), else None.
+        token_mask: (B, N) bool, the real tokens (text with padding), or None (all real).
+        args: positional inputs (models called as ``model(x)``).
+    """
+
+    kwargs: Dict[str, Any]
+    batch: int
+    num_tokens: Optional[int] = None
+    token_mask: Optional[Tensor] = None
+    args: Tuple[Any, ...] = ()
+    rows: Optional[Tensor] = field(default=None, repr=False)  # (B,) explained tokens, set by the engine
+
+
+class Family:
+    """A model family: how to call the model, where its tokens come from, what its scores are.
+
+    Class attributes:
+        name: shown in errors and in the list of supported families.
+        needs_callable_target: models without a head (their output is not class scores).
+        hf_attention: HuggingFace models: the attention implementation is read from the config
+            (``eager`` -> ``output_attentions``; ``sdpa`` -> the SDPA capture).
+        softmax_capture: also record explicit attention softmaxes (hand-written eager attention).
+    """
+
+    name = "?"
+    needs_callable_target = False
+    hf_attention = False
+    softmax_capture = False
+
+    def __init__(self, model: torch.nn.Module, layout: Optional[TokenLayout] = None):
+        self.model = model
+        self.layout = layout if layout is not None else self.default_layout()
+
+    @classmethod
+    def matches(cls, model: torch.nn.Module) -> bool:
+        raise NotImplementedError
+
+    def default_layout(self) -> TokenLayout:
+        return TokenLayout()
+
+    def num_classes(self) -> Optional[int]:
+        """Classes the target indexes (None: not known before the forward)."""
+        return None
+
+    def attention_sites(self) -> Optional[int]:
+        """How many attention sites one forward must show (None: not known)."""
+        return None
+
+    def attention_capture(self) -> str:
+        """'sdpa' (the engine's capture sees the attention) or 'eager' (the model returns the
+        probabilities with ``output_attentions=True``). Read at every call, never changed."""
+        if not self.hf_attention:
+            return "sdpa"
+        config = getattr(self.model, "config", None)
+        implementation = getattr(config, "_attn_implementation", None) or "eager"
+        if implementation == "eager":
+            return "eager"
+        if implementation == "sdpa":
+            return "sdpa"
+        raise ValueError(f"relfast.Explainer: the {type(self.model).__name__} model runs attention with "
+                         f"'{implementation}', which relfast cannot see; load it with attn_implementation='sdpa' "
+                         "(the default) or 'eager'")
+
+    def parse(self, inputs: Any) -> ModelCall:
+        raise NotImplementedError
+
+    def check_values(self, call: ModelCall) -> None:
+        """Checks that read the inputs' values (before any work): floating-point inputs finite."""
+        named = list(call.kwargs.items()) + [(f"inputs[{i}]", a) for i, a in enumerate(call.args)]
+        for name, value in named:
+            if isinstance(value, Tensor) and value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"relfast.Explainer: argument 'inputs' ('{name}') holds NaN or infinite values")
+
+    def forward(self, call: ModelCall, output_attentions: bool) -> Tuple[Any, Optional[List[Tensor]]]:
+        """Runs the model: (its output, the attention probabilities if ``output_attentions``)."""
+        extra = {"output_attentions": True} if output_attentions else {}
+        output = self.model(*call.args, **call.kwargs, **extra)
+        return output, (list(output.attentions) if output_attentions else None)
+
+    def scores(self, output: Any, call: ModelCall) -> Tensor:
+        """The (B, C) values a target indexes (a callable target receives them)."""
+        return output.logits
+
+
+def family_for(model: torch.nn.Module, layout: Optional[TokenLayout] = None) -> Family:
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"relfast.Explainer: argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
+    if layout is not None and not isinstance(layout, TokenLayout):
+        raise ValueError(f"relfast.Explainer: argument 'layout' must be a relfast.TokenLayout, got "
+                         f"{type(layout).__name__}")
+    for cls in _FAMILIES:
+        if cls.matches(model):
+            return cls(model, layout)
+    if layout is not None:
+        from .sdpa_module import AnyAttentionModule
+
+        return AnyAttentionModule(model, layout)
+    families = "; ".join(cls.name for cls in _FAMILIES)
+    raise ValueError(
+        f"relfast.Explainer: unsupported model {type(model).__name__}. Supported families: {families}. Any other "
+        "module whose attention runs through torch's scaled_dot_product_attention (or nn.MultiheadAttention) is "
+        "explained when you describe its tokens: relfast.Explainer(model, layout=relfast.TokenLayout(prefix_tokens=1, "
+        "patch_grid=(14, 14), patch_size=16)); a new family is one small file in relfast/explain/families/.")
+
+
+def check_batch(inputs: Dict[str, Tensor], key: str) -> int:
+    """The batch size of ``inputs[key]``, rejecting empty batches before any work."""
+    if key not in inputs:
+        raise ValueError(f"relfast.Explainer: argument 'inputs' must contain '{key}', got keys {sorted(inputs)}")
+    if not isinstance(inputs[key], Tensor) or inputs[key].dim() == 0:
+        raise ValueError(f"relfast.Explainer: argument 'inputs' ('{key}') must be a tensor with a batch dimension")
+    batch = inputs[key].shape[0]
+    if batch == 0:
+        raise ValueError(f"relfast.Explainer: argument 'inputs' holds an empty batch ('{key}' has shape "
+                         f"{tuple(inputs[key].shape)}); there is nothing to explain")
+    return batch
+
+
+def check_images(pixels: Any, expected_chw: Tuple[int, ...]) -> int:
+    """The batch size of an image batch (B, C, H, W) of the shape the model takes, checked before
+    any work (empty batches and non-finite values rejected)."""
+    batch = check_batch({"pixel_values": pixels}, "pixel_values")
+    if pixels.dim() != 4 or tuple(pixels.shape[1:]) != tuple(expected_chw):
+        raise ValueError(f"relfast.Explainer: argument 'inputs' (pixel_values) must have shape (B, "
+                         f"{', '.join(map(str, expected_chw))}) for this model, got {tuple(pixels.shape)}")
+    if not pixels.dtype.is_floating_point:
+        raise ValueError(f"relfast.Explainer: argument 'inputs' (pixel_values) must be a floating-point tensor, got "
+                         f"{pixels.dtype}")
+    return batch
+
+
+def image_inputs(inputs: Any, key: str = "pixel_values") -> Tensor:
+    """An image batch given as a tensor or as a processor's dict."""
+    if isinstance(inputs, Tensor):
+        return inputs
+    if hasattr(inputs, "keys"):
+        inputs = dict(inputs)
+        if key not in inputs:
+            raise ValueError(f"relfast.Explainer: argument 'inputs' must contain '{key}', got keys {sorted(inputs)}")
+        return inputs[key]
+    raise ValueError(f"relfast.Explainer: argument 'inputs' must be an image tensor (B, C, H, W) or a dict with "
+                     f"'{key}', got {type(inputs).__name__}")
+
+
+def text_inputs(inputs: Any) -> Tuple[Dict[str, Tensor], int]:
+    """A tokenizer's dict (or bare input_ids) as a dict, and its batch size, validated."""
+    inputs = {"input_ids": inputs} if isinstance(inputs, Tensor) else dict(inputs)
+    batch = check_batch(inputs, "input_ids")
+    ids = inputs["input_ids"]
+    if ids.dim() != 2 or ids.dtype.is_floating_point:
+        raise ValueError("relfast.Explainer: argument 'inputs' (input_ids) must be an integer tensor of shape (B, N), "
+                         f"got {ids.dtype} {tuple(ids.shape)}")
+    mask = inputs.get("attention_mask")
+    if mask is not None and tuple(mask.shape) != tuple(ids.shape):
+        raise ValueError(f"relfast.Explainer: argument 'inputs' (attention_mask) must have the shape of input_ids "
+                         f"{tuple(ids.shape)}, got {tuple(mask.shape)}")
+    return inputs, batch
+
+
+class HFFamily(Family):
+    """HuggingFace models, matched by class name (``class_names``); the attention implementation
+    and the number of layers come from the config."""
+
+    hf_attention = True
+    class_names: frozenset = frozenset()
+
+    @classmethod
+    def matches(cls, model):
+        return type(model).__name__ in cls.class_names and hasattr(model, "config")
+
+    def attention_sites(self):
+        return getattr(self.model.config, "num_hidden_layers", None)
+
+
+def is_instance(model: torch.nn.Module, module_name: str, class_name: str) -> bool:
+    """isinstance against a class of an optional library (False when it is not installed)."""
+    import importlib
+
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(model, cls)

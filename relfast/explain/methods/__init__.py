@@ -1,0 +1,33 @@
+"""Relevance methods, one file each; ``make_method`` builds one from its name and options."""
+from typing import Dict, Type
+
+from .attn_gradcam import AttnGradCAM
+from .base import Method, Run
+from .generic import Generic
+from .raw_attention import RawAttention
+from .rollout import Rollout
+
+METHOD_CLASSES: Dict[str, Type[Method]] = {cls.name: cls for cls in (Generic, Rollout, RawAttention, AttnGradCAM)}
+METHODS = tuple(METHOD_CLASSES)
+NOT_YET = ("transformer_attribution", "lrp", "partial_lrp")
+
+
+def make_method(name: str, **options) -> Method:
+    """The method ``name`` with ``options``; an option the method does not take is an error
+    (options left at None are not given)."""
+    if name in NOT_YET:
+        raise NotImplementedError(f"relfast.Explainer: method '{name}' is not implemented yet (it comes with the "
+                                  f"LRP-based methods); available: {', '.join(METHODS)}")
+    if name not in METHOD_CLASSES:
+        raise ValueError(f"relfast.Explainer: argument 'method' must be one of {', '.join(METHODS)}, got {name!r}")
+    cls = METHOD_CLASSES[name]
+    given = {key: value for key, value in options.items() if value is not None}
+    for key in given:
+        if key not in cls.option_defaults:
+            users = [n for n, c in METHOD_CLASSES.items() if key in c.option_defaults]
+            raise ValueError(f"relfast.Explainer: argument '{key}' applies to method "
+                             f"{' or '.join(repr(u) for u in users)} only, not {name!r}")
+    return cls(**given)
+
+
+__all__ = ["Method", "Run", "METHODS", "METHOD_CLASSES", "NOT_YET", "make_method"]

@@ -1,0 +1,31 @@
+"""[P1] baseline: attention GradCAM on the last layer. Head weights ``w_h`` = the mean gradient of
+the explained row over the content tokens (prefix tokens and padding excluded); the map is
+``(E_h[A_h[row, :] · w_h])^+`` (``image_map(upsample=True)`` min-max normalises it)."""
+import torch
+
+from .base import Method, Run
+
+
+class AttnGradCAM(Method):
+    name = "attn_gradcam"
+
+    def relevance(self, run: Run) -> torch.Tensor:
+        last = len(run.records) - 1
+        results = []
+        for k in range(run.num_targets):
+            grads = {}
+            run.attention_gradients(k, [last], grads.__setitem__, retain_graph=k + 1 < run.num_targets)
+            results.append(self._map(run, grads[last], run.records[last].probabilities()))
+        return torch.stack(results, dim=1) if run.targets.per_sample_k else results[0]
+
+    @staticmethod
+    def _map(run: Run, grad: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        samples = torch.arange(run.batch, device=attn.device)
+        rows = run.rows.to(attn.device)
+        grad_row, attn_row = grad[samples, :, rows], attn[samples, :, rows]  # (B, H, N)
+        columns = torch.ones(grad_row.shape[0], grad_row.shape[-1], dtype=torch.bool, device=attn.device)
+        columns[:, :run.layout.prefix_tokens] = False
+        if run.token_mask is not None:
+            columns &= run.token_mask.to(attn.device)
+        weights = (grad_row * columns[:, None]).sum(-1, keepdim=True) / columns.sum(-1).clamp_min(1)[:, None, None]
+        return (attn_row * weights).mean(dim=1).clamp(min=0)

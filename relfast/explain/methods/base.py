@@ -1,0 +1,114 @@
+"""What a method sees of one call (:class:`Run`), and the base class of the methods.
+
+A method knows its math, not the model: it gets the attention records of the call in forward
+order (``relfast.explain.capture``), the explained token of each sample, the targets, and a
+backward that hands it each site's attention gradient as soon as autograd produces it.
+"""
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..capture import AttentionRecord
+from ..layout import TokenLayout
+from ..targets import Targets
+
+
+@dataclass
+class Run:
+    """One call, as a method sees it.
+
+    Attributes:
+        records: one per attention site, in forward order; probabilities (B, H, N, N).
+        rows: (B,) int64, the explained token of each sample.
+        token_mask: (B, N) bool, the real tokens (None: all).
+        layout: the token layout.
+        scores: (B, C) what the target indexes (in the graph when gradients are on).
+        explained: (B,) / (B, K) classes explained, or None (callable target).
+        targets: the parsed target.
+    """
+
+    records: List[AttentionRecord]
+    rows: Tensor
+    token_mask: Optional[Tensor]
+    layout: TokenLayout
+    scores: Tensor
+    explained: Optional[Tensor]
+    targets: Targets
+
+    @property
+    def batch(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def num_targets(self) -> int:
+        return self.targets.count
+
+    def attention_gradients(self, k: int, sites: Sequence[int], on_gradient: Callable[[int, Tensor], None],
+                            retain_graph: bool = False) -> None:
+        """Backward of the k-th explained scalar; ``on_gradient(site, ∇A)`` is called for each of
+        ``sites`` in backward order (last site first), as soon as its gradient is complete. The
+        backward stops at the earliest of ``sites``."""
+        scalar = self.targets.scalar(self.scores, self.explained, k)
+        if not scalar.requires_grad:
+            raise ValueError("relfast.Explainer: the explained output does not depend on the model's inputs through "
+                             "any graph (was the model run under torch.inference_mode, or are its inputs constant?)")
+        sites = sorted(sites)
+        sources = [self.records[i].source for i in sites]
+        if any(s is None for s in sources):
+            raise ValueError("relfast.Explainer: an attention site's output is not part of the autograd graph")
+        waiting: Dict[int, Tensor] = {}
+        order = list(reversed(sites))  # the order the method must receive them in
+
+        def arrived(site: int, source_grad: Tensor) -> None:
+            waiting[site] = source_grad
+            while order and order[0] in waiting:  # deliver in order, buffering any that come early
+                done = order.pop(0)
+                on_gradient(done, self.records[done].attention_gradient(waiting.pop(done)))
+
+        handles = [source.register_hook(lambda grad, site=site: arrived(site, grad))
+                   for site, source in zip(sites[1:], sources[1:])]
+        try:
+            (first,) = torch.autograd.grad(scalar, sources[0], retain_graph=retain_graph)
+        finally:
+            for handle in handles:
+                handle.remove()
+        arrived(sites[0], first)
+        if order:
+            raise ValueError(f"relfast.Explainer: attention sites {sorted(order)} received no gradient from the "
+                             "explained output on its way to the first site; relfast explains models whose attention "
+                             "sites form one chain (each layer feeds the next)")
+
+    def gather_rows(self, matrix: Tensor) -> Tensor:
+        """(B, N, M) -> (B, M): each sample's explained row."""
+        return matrix[torch.arange(matrix.shape[0], device=matrix.device), self.rows.to(matrix.device)]
+
+
+class Method:
+    """A relevance method. Subclasses set ``name``, ``needs_gradients`` and ``option_defaults``
+    (their keyword options), and implement ``relevance``."""
+
+    name = "?"
+    needs_gradients = True
+    option_defaults: Dict[str, object] = {}
+
+    def __init__(self, **options):
+        for key, value in options.items():
+            setattr(self, key, value)
+
+    @property
+    def full_matrix(self) -> bool:
+        return bool(getattr(self, "_full_matrix", False))
+
+    def relevance(self, run: Run) -> Tensor:
+        """(B, N) rows (or (B, N, N) with full_matrix); (B, K, ...) for K targets per sample."""
+        raise NotImplementedError
+
+
+def repeat_targets(result: Tensor, run: Run) -> Tensor:
+    """A class-agnostic map, repeated for each of the K targets requested per sample."""
+    if not run.targets.per_sample_k:
+        return result
+    k = run.num_targets
+    return result.unsqueeze(1).expand(result.shape[0], k, *result.shape[1:]).clone()

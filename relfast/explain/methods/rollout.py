@@ -1,0 +1,28 @@
+"""[P1] baseline: attention rollout (supplement Eq. 16), ``Â_l = E_h A_l + I`` row-normalised,
+``Â_L ··· Â_s``, the explained row. Needs no gradients."""
+import torch
+
+from ... import ops
+from .base import Method, Run, repeat_targets
+
+
+class Rollout(Method):
+    """Options: ``start_layer`` (the first layer multiplied in; negative counts from the end),
+    ``full_matrix``."""
+
+    name = "rollout"
+    needs_gradients = False
+    option_defaults = {"start_layer": 0, "full_matrix": False}
+
+    def __init__(self, start_layer: int = 0, full_matrix: bool = False):
+        if not isinstance(start_layer, int) or isinstance(start_layer, bool):
+            raise ValueError(f"relfast.Explainer: argument 'start_layer' must be an int, got {start_layer!r}")
+        super().__init__(start_layer=start_layer, _full_matrix=bool(full_matrix))
+
+    def relevance(self, run: Run) -> torch.Tensor:
+        layers = len(run.records)
+        if not -layers <= self.start_layer < layers:
+            raise ValueError(f"relfast.Explainer: argument 'start_layer' is {self.start_layer}, out of range for a "
+                             f"model with {layers} attention layers [-{layers}, {layers})")
+        matrix = ops.rollout([record.probabilities() for record in run.records], self.start_layer)
+        return repeat_targets(matrix if self.full_matrix else run.gather_rows(matrix), run)

@@ -1,0 +1,140 @@
+"""An explanation never edits, re-configures or leaves anything on the model: attention
+implementation, timm's fused_attn, hooks, training mode and requires_grad are the same during
+the call (seen from inside it, through a callable target), after it, and after a call that
+fails midway. One Explainer serves several threads at once."""
+import threading
+
+import pytest
+import torch
+
+import relfast
+from engine_models import HAND_WRITTEN_LAYOUT, build, inputs_for
+
+NAMES = ["hf-vit", "hf-bert", "timm-vit", "torchvision-vit", "gpt2", "llama", "hand-written"]
+
+
+def explainer_for(name, model, method="generic"):
+    layout = relfast.TokenLayout(**HAND_WRITTEN_LAYOUT) if name == "hand-written" else None
+    return relfast.Explainer(model, method, layout=layout)
+
+
+def model_state(model):
+    """Everything a call could change, in comparable form."""
+    hooks = []
+    for name, module in model.named_modules():
+        for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                     "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+            hooks.append((name, kind, tuple(getattr(module, kind, {}).keys())))
+    globals_ = torch.nn.modules.module
+    return {
+        "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None),
+        "fused_attn": [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")],
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [(n, p.requires_grad) for n, p in model.named_parameters()],
+        "grads": [n for n, p in model.named_parameters() if p.grad is not None],
+        "hooks": hooks,
+        "parameter_hooks": [(n, bool(getattr(p, "_backward_hooks", None))) for n, p in model.named_parameters()],
+        "global_hooks": (len(globals_._global_forward_hooks), len(globals_._global_forward_pre_hooks),
+                         len(globals_._global_backward_hooks)),
+    }
+
+
+def user_setup(model):
+    """A user's own state that must survive: a frozen parameter and a forward hook that counts."""
+    first = next(model.parameters())
+    first.requires_grad_(False)
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_is_untouched_during_and_after_a_call(name):
+    model = build(name)
+    calls = user_setup(model)
+    before = model_state(model)
+    seen_during = []
+
+    def target(scores):  # runs inside the call, after the forward
+        seen_during.append(model_state(model))
+        return scores[:, 0]
+
+    out = explainer_for(name, model)(inputs_for(name), target=target)
+    assert torch.isfinite(out.relevance).all()
+    assert seen_during == [before]
+    assert model_state(model) == before
+    assert len(calls) == 1, "the user's own hook runs once per call, as in a plain forward"
+
+
+class FailInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("failing in the middle of the backward")
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("where", ["after the forward", "in the backward"])
+def test_state_is_untouched_after_a_call_that_fails_midway(name, where):
+    model = build(name)
+    user_setup(model)
+    before = model_state(model)
+    explainer = explainer_for(name, model)
+    inputs = inputs_for(name)
+
+    def failing(scores):
+        if where == "after the forward":
+            raise RuntimeError("failing after the forward")
+        return FailInBackward.apply(scores[:, 0])
+
+    with pytest.raises(RuntimeError, match="failing"):
+        explainer(inputs, target=failing)
+    assert model_state(model) == before
+    # and the explainer still works, giving what a fresh one gives
+    torch.testing.assert_close(explainer(inputs).relevance, explainer_for(name, model)(inputs).relevance)
+
+
+def test_set_attn_implementation_is_never_called():
+    model = build("hf-vit")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("relfast must not switch the attention implementation")
+
+    model.set_attn_implementation = refuse
+    for method in relfast.explain.METHODS:
+        out = relfast.Explainer(model, method)(inputs_for("hf-vit"))
+        assert torch.isfinite(out.relevance).all()
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("name,method", [("hf-vit", "rollout"), ("hf-vit", "raw_attention"), ("hf-vit", "generic"),
+                                         ("timm-vit", "generic"), ("gpt2", "generic"), ("hf-bert", "attn_gradcam")])
+def test_eight_threads_get_the_sequential_results(name, method):
+    model = build(name)
+    explainer = explainer_for(name, model, method)
+    inputs = [inputs_for(name, batch=2, seed=100 + i) for i in range(8)]
+    expected = [explainer(x).relevance for x in inputs]
+    before = model_state(model)
+    results, errors = [None] * 8, []
+    start = threading.Barrier(8)
+
+    def work(i):
+        try:
+            start.wait()
+            for _ in range(3):  # overlap the calls several times
+                results[i] = explainer(inputs[i]).relevance
+        except Exception as error:  # reported below: a thread's exception must fail the test
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for got, want in zip(results, expected):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    assert model_state(model) == before
