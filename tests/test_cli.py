@@ -1,9 +1,11 @@
-"""The relfast command line, run as a user would (a subprocess)."""
+"""The relfast command line, run as a user would (a subprocess), or in-process through
+``relfast.cli.main`` where a test compares what it wrote with the library's own result."""
 import re
 import subprocess
 import sys
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 
 from relfast.data import make_shapes
@@ -101,3 +103,135 @@ def test_bad_arguments_fail_clearly(images, args, words):
     result = run(*[str(folder) if a == "IMAGES" else a for a in args])
     assert result.returncode == 2
     assert words in result.stderr
+
+
+# ---- causal LMs: which prompt tokens drove the next token (in-process, offline) ----
+
+LM_WORDS = "the cat sat on a mat and dog ran to park with big red ball under tree".split()
+PROMPT = "the big dog ran to the red ball"
+
+
+@pytest.fixture(scope="module")
+def causal_lm_folder(tmp_path_factory):
+    """A tiny random GPT-2 and a word-level tokenizer, saved as a HuggingFace folder."""
+    import tokenizers
+    import torch
+    import transformers
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, **{word: i + 2 for i, word in enumerate(LM_WORDS)}}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]")
+    config = transformers.GPT2Config(vocab_size=len(vocab), n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                     bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("lm")
+    transformers.GPT2LMHeadModel(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def explain_in_process(capsys, *args):
+    """``relfast.cli.main`` on ``args``: (exit code, stdout, stderr)."""
+    import relfast.cli
+
+    try:
+        relfast.cli.main(list(args))
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def eager_lm_explanation(folder, target=None):
+    """What relfast.Explainer gives for PROMPT, and the tokenizer (the reference for the CLI's page)."""
+    import transformers
+
+    import relfast
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    return relfast.Explainer(model)(tokenizer([PROMPT], return_tensors="pt"), target=target), tokenizer
+
+
+def heatmap_rows(page):
+    """[(title, [(token, relevance shown in the tooltip)])] of a relfast.viz text page."""
+    import html
+
+    rows = []
+    for block in re.findall(r"<h3>(.*?)</h3>(.*?)</div>", page):
+        spans = re.findall(r'<span title="([^"]*)" style="[^"]*">([^<]*)</span>', block[1])
+        rows.append((html.unescape(block[0]), [(html.unescape(token), float(value)) for value, token in spans]))
+    return rows
+
+
+def assert_row_matches(row, tokenizer, token_id, relevance):
+    title, spans = row
+    assert title == f'next token: "{tokenizer.decode([token_id])}"'
+    assert [token for token, _ in spans] == PROMPT.split()
+    shown = np.array([value for _, value in spans])
+    expected = relevance.clone()
+    expected[-1] = 0  # the explained token's own entry (R's identity) is shown as 0
+    np.testing.assert_allclose(shown, expected.numpy(), rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+    assert shown[:-1].max() > 0, "the prompt's other tokens carry the heat"
+
+
+def test_explain_text_with_a_causal_lm_folder(causal_lm_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "words.html"
+    code, stdout, stderr = explain_in_process(capsys, "explain", "--text", PROMPT, "--model", str(causal_lm_folder),
+                                              "--out", str(out))
+    assert code == 0, stderr
+    eager, tokenizer = eager_lm_explanation(causal_lm_folder)
+    predicted = int(eager.logits[0].argmax())
+    assert int(eager.target[0]) == predicted
+    rows = heatmap_rows(out.read_text(encoding="utf-8"))
+    assert len(rows) == 1
+    assert_row_matches(rows[0], tokenizer, predicted, eager.relevance[0])
+    word = tokenizer.decode([predicted])
+    assert stdout.startswith(f'wrote {out} (next token: explained "{word}"; predicted "{word}")'), stdout
+
+
+def test_explain_causal_lm_with_target_token_ids(causal_lm_folder, tmp_path, capsys, monkeypatch):
+    """Two --target token ids (not the prediction): one heatmap row each, as the explainer gives them."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    predicted_eager, tokenizer = eager_lm_explanation(causal_lm_folder)
+    predicted = int(predicted_eager.target[0])
+    chosen = [i for i in tokenizer.convert_tokens_to_ids(["cat", "tree", "mat"]) if i != predicted][:2]
+    out = tmp_path / "targets.html"
+    code, stdout, stderr = explain_in_process(capsys, "explain", "--text", PROMPT, "--model", str(causal_lm_folder),
+                                              "--target", ",".join(map(str, chosen)), "--method", "generic",
+                                              "--out", str(out))
+    assert code == 0, stderr
+    eager, _ = eager_lm_explanation(causal_lm_folder, target=chosen)
+    assert eager.target[0].tolist() == chosen
+    rows = heatmap_rows(out.read_text(encoding="utf-8"))
+    assert len(rows) == 2
+    for k, (row, token_id) in enumerate(zip(rows, chosen)):
+        assert_row_matches(row, tokenizer, token_id, eager.relevance[0, k])
+    explained = ", ".join(f'"{tokenizer.decode([i])}"' for i in chosen)
+    assert f"(next token: explained {explained}; predicted \"{tokenizer.decode([predicted])}\")" in stdout
+
+
+@pytest.mark.parametrize("target,words", [
+    (str(len(LM_WORDS) + 2), f"--target {len(LM_WORDS) + 2} is out of range for a vocabulary of {len(LM_WORDS) + 2}"),
+    ("-1", "--target -1 is out of range for a vocabulary"),
+    ("cat", "--target must be token ids"),
+])
+def test_explain_causal_lm_rejects_bad_targets(causal_lm_folder, tmp_path, capsys, monkeypatch, target, words):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "bad.html"
+    code, stdout, stderr = explain_in_process(capsys, "explain", "--text", PROMPT, "--model", str(causal_lm_folder),
+                                              "--target", target, "--out", str(out))
+    assert code == 2
+    assert stderr.startswith("relfast: error: ") and words in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not out.exists() and stdout == ""
+
+
+def test_export_a_causal_lm_folder(causal_lm_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, stdout, stderr = explain_in_process(capsys, "export", "--model", str(causal_lm_folder), "--format", "onnx",
+                                              "--out", str(tmp_path / "lm.onnx"))
+    assert code == 0, stderr[-3000:]
+    assert (tmp_path / "lm.onnx").is_file() and "(ok)" in stdout, stdout

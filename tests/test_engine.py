@@ -126,3 +126,34 @@ def test_a_model_that_shows_no_attention_is_an_error():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5)).double()
     with pytest.raises(ValueError, match="no attention was seen"):
         relfast.Explainer(model, layout=relfast.TokenLayout())(torch.randn(2, 3, 32, 32, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["hf-vit", "timm-vit", "torchvision-vit", "gpt2", "llama", "hand-written"])
+def test_float32_models_match_the_float64_reference(name):
+    """The same weights in float32: relfast's float32 result against the float64 reference (the
+    error is the float32 forward's, amplified by the gradient: 1e-3 of the scale)."""
+    model64 = build(name)
+    inputs = inputs_for(name, batch=3)
+    model32 = build(name).float()
+    inputs32 = inputs.float() if torch.is_tensor(inputs) else {
+        k: v.float() if v.dtype.is_floating_point else v for k, v in inputs.items()}
+    out = explainer_for(name, model32, "generic")(inputs32)
+    for b in range(3):
+        single, where = real_tokens(name, inputs, b)
+        expected, _ = reference_relevance(name, model64, single, "generic", int(out.target[b]))
+        assert relative_error(out.relevance[b, where], expected) <= 1e-3, (name, b)
+
+
+@pytest.mark.parametrize("name", ["hf-vit", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_agree_with_float32(name, dtype):
+    """Half-precision models (SDPA records recompute the probabilities with float32 accumulation):
+    the maps agree with the float32 model's on the same weights, within half-precision error."""
+    model = build(name).float()
+    inputs = inputs_for(name, batch=3)
+    inputs32 = inputs if not torch.is_tensor(inputs) and "input_ids" in inputs else {"pixel_values": inputs["pixel_values"].float()}
+    full = relfast.Explainer(model)(inputs32)
+    half_inputs = {k: v.to(dtype) if v.dtype.is_floating_point else v for k, v in inputs32.items()}
+    half = relfast.Explainer(model.to(dtype))(half_inputs, target=full.target)
+    assert half.relevance.dtype == torch.float32 and torch.isfinite(half.relevance).all()
+    assert relative_error(half.relevance, full.relevance.double()) <= (2e-2 if dtype == torch.bfloat16 else 5e-3)

@@ -15,7 +15,7 @@ from torch import Tensor
 from .capture import AttentionCapture, AttentionRecord, ProbabilityRecord
 from .families import Family, ModelCall
 from .methods import Method, Run
-from .targets import Targets
+from .targets import Targets, check_class_range
 
 
 class Session:
@@ -62,8 +62,8 @@ class Session:
                                                               records[0].probabilities().device)
             scores = self.family.scores(output, call)
             explained = self.targets.resolve(scores)
-            if not self.traced:
-                _check_classes(explained, scores)
+            if not self.traced and explained is not None:  # families that know no class count before the forward
+                check_class_range(explained, scores.shape[-1])
             run = Run(records, call.rows, call.token_mask, self.family.layout, scores, explained, self.targets)
             relevance = self.method.relevance(run)
         return scores.detach(), explained, relevance.detach().float()
@@ -116,13 +116,3 @@ def _graph_inputs(call: ModelCall) -> ModelCall:
 
     return ModelCall({k: leaf(v) for k, v in call.kwargs.items()}, call.batch, call.num_tokens, call.token_mask,
                      tuple(leaf(a) for a in call.args), call.rows)
-
-
-def _check_classes(explained: Optional[Tensor], scores: Tensor) -> None:
-    if explained is None or explained.numel() == 0:
-        return
-    classes = scores.shape[-1]
-    low, high = int(explained.min()), int(explained.max())
-    if low < 0 or high >= classes:
-        raise ValueError(f"relfast.Explainer: argument 'target' holds class {low if low < 0 else high}, out of range "
-                         f"for a model with {classes} outputs [0, {classes})")

@@ -30,11 +30,8 @@ class Targets:
         if callable(target) and not isinstance(target, Tensor):
             return Targets(function=target)
         fixed = _as_index_tensor(target, where)
-        if num_classes is not None and fixed.numel() > 0:
-            low, high = int(fixed.min()), int(fixed.max())
-            if low < 0 or high >= num_classes:
-                raise ValueError(f"{where}: argument 'target' holds class {low if low < 0 else high}, out of range "
-                                 f"for a model with {num_classes} classes [0, {num_classes})")
+        if num_classes is not None:
+            check_class_range(fixed, num_classes, where)
         return Targets(fixed=fixed)
 
     @property
@@ -83,6 +80,16 @@ class Targets:
             return values.sum()
         classes = explained if explained.dim() == 1 else explained[:, k]
         return scores.gather(1, classes.view(-1, 1)).sum()
+
+
+def check_class_range(classes: Tensor, num_classes: int, where: str = "relfast.Explainer") -> None:
+    """The one range check of explained classes: every entry in [0, num_classes)."""
+    if classes.numel() == 0:
+        return
+    low, high = int(classes.min()), int(classes.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"{where}: argument 'target' holds class {low if low < 0 else high}, out of range for a model "
+                         f"with {num_classes} classes [0, {num_classes})")
 
 
 def _as_index_tensor(target, where: str) -> Tensor:

@@ -7,6 +7,8 @@
 
 Both take the model inputs and a target (int64 (B,), -1 = the predicted class) and return
 ``(logits, relevance, explained_target)``; the batch (and, for text, the sequence length) is dynamic.
+Causal LMs export the same way (``input_ids``, ``attention_mask``, left padding included): the
+logits are the next-token logits at each sample's last real token and the target is a token id.
 """
 from .graph import TracedExplanation, trace
 from .onnx import to_onnx
