@@ -123,7 +123,7 @@ def test_an_unlisted_model_without_layout_names_the_way_out():
 
 
 def test_a_model_that_shows_no_attention_is_an_error():
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5)).double()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5)).double().eval()
     with pytest.raises(ValueError, match="no attention was seen"):
         relfast.Explainer(model, layout=relfast.TokenLayout())(torch.randn(2, 3, 32, 32, dtype=torch.float64))
 

@@ -138,3 +138,13 @@ def test_eight_threads_get_the_sequential_results(name, method):
     for got, want in zip(results, expected):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
     assert model_state(model) == before
+
+
+@pytest.mark.parametrize("name", ["hf-vit", "gpt2", "torchvision-vit"])
+def test_a_model_in_training_mode_is_refused_before_any_work_and_left_training(name):
+    model = build(name).train()
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    with pytest.raises(ValueError, match=r"training mode.*model\.eval\(\)"):
+        explainer_for(name, model)(inputs_for(name))
+    assert forwards == [] and all(m.training for m in model.modules())

@@ -33,6 +33,7 @@ class Session:
 
     def run(self, inputs: Any) -> Tuple[Tensor, Optional[Tensor], Tensor]:
         """Returns (scores (B, C), explained classes or None, float32 relevance)."""
+        _check_eval_mode(self.family.model)
         call = self.family.parse(inputs)
         self.targets.check_batch(call.batch)
         if not self.traced:
@@ -58,8 +59,7 @@ class Session:
                 records = [ProbabilityRecord(a) for a in attentions or () if a is not None]
             num_tokens = self._check_records(records, call)
             if call.rows is None:
-                call.rows = self.family.layout.explained_rows(call.batch, call.token_mask, num_tokens,
-                                                              records[0].probabilities().device)
+                call.rows = self.family.layout.explained_rows(call.batch, call.token_mask, num_tokens, _device(call))
             scores = self.family.scores(output, call)
             explained = self.targets.resolve(scores)
             if not self.traced and explained is not None:  # families that know no class count before the forward
@@ -97,6 +97,14 @@ class Session:
                              f"prefix + {layout.patch_grid[0]}x{layout.patch_grid[1]} patches) but the model's attention "
                              f"covers {n}")
         return n
+
+
+def _check_eval_mode(model: torch.nn.Module) -> None:
+    """Dropout and other training behaviour would make each call's explanation different."""
+    training = [name or type(model).__name__ for name, module in model.named_modules() if module.training]
+    if training:
+        raise ValueError(f"relfast.Explainer: the model is in training mode ({len(training)} modules, e.g. "
+                         f"'{training[0]}'); explanations need the deterministic model: call model.eval() first")
 
 
 def _device(call: ModelCall):
