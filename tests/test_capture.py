@@ -64,9 +64,37 @@ def test_sdpa_record_equals_explicit_attention(case):
     torch.testing.assert_close(output, expected_output)
     torch.testing.assert_close(record.probabilities(), expected_probabilities.detach())
     output_grad = torch.randn(output.shape, generator=g, dtype=torch.float64)
-    (expected_grad,) = torch.autograd.grad(expected_output, expected_probabilities, output_grad)
+    (expected_grad,) = torch.autograd.grad(expected_output, expected_probabilities, output_grad, retain_graph=True)
     torch.testing.assert_close(record.attention_gradient(output_grad), expected_grad)
     assert record.source is output
+    # the call's own backward (which reuses A and ∇A) gives the input gradients of explicit attention
+    if B == 0:
+        return
+    expected_inputs = torch.autograd.grad(expected_output, (query, key, value), output_grad)
+    got = torch.autograd.grad(output, (query, key, value), output_grad)
+    for name, g, e in zip("qkv", got, expected_inputs):
+        torch.testing.assert_close(g, e, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["after-the-method", "alone"])
+def test_sdpa_backward_with_a_learned_float_mask(reuse):
+    """The mask's gradient too (position biases are learned), whether or not the method has
+    computed A and ∇A for the layer first."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 3, 6, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 3, 6, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    capture = AttentionCapture()
+    with torch.enable_grad(), capture:
+        output = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    output_grad = torch.randn(output.shape, generator=g, dtype=torch.float64)
+    if reuse:
+        capture.records[0].probabilities()
+        capture.records[0].attention_gradient(output_grad)
+    expected_output, _ = explicit(q, k, v, bias, 0.5)
+    got = torch.autograd.grad(output, (q, k, v, bias), output_grad)
+    expected = torch.autograd.grad(expected_output, (q, k, v, bias), output_grad)
+    for g_, e in zip(got, expected):
+        torch.testing.assert_close(g_, e)
 
 
 def test_sdpa_record_half_precision_accumulates_in_float32():

@@ -148,3 +148,23 @@ def test_a_model_in_training_mode_is_refused_before_any_work_and_left_training(n
     with pytest.raises(ValueError, match=r"training mode.*model\.eval\(\)"):
         explainer_for(name, model)(inputs_for(name))
     assert forwards == [] and all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("method", relfast.explain.METHODS)
+def test_a_call_leaves_no_reference_cycles(name, method):
+    """Everything a call built (the graph, the records) is freed when it returns, not when the
+    garbage collector next runs: a cycle through the graph would hold all activations."""
+    import gc
+
+    model = build(name)
+    explainer = explainer_for(name, model, method)
+    inputs = inputs_for(name)
+    explainer(inputs)
+    gc.collect()
+    gc.disable()
+    try:
+        explainer(inputs)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

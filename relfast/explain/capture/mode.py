@@ -3,8 +3,9 @@ that sees attention without editing or re-configuring the model.
 
 While it is active:
 - ``F.scaled_dot_product_attention`` (HF ``sdpa``, timm ``fused_attn``, hand-written modules)
-  runs as the model asked and leaves an ``SdpaRecord``; with ``explicit=True`` (export) it is
-  computed as ``softmax(q·kᵀ·s + mask)·v`` instead, so a traced graph holds only plain ops.
+  runs the fused kernel as the model asked and leaves an ``SdpaRecord`` (whose backward shares
+  the recomputed probabilities with the method); with ``explicit=True`` (export) it is computed
+  as ``softmax(q·kᵀ·s + mask)·v`` instead, so a traced graph holds only plain ops.
 - ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``, torchvision's ViT) runs its
   weights-returning path, whose softmax output is recorded; the caller gets what it asked for.
 - optionally, a softmax over the last dimension of a 4-D tensor (eager attention written by
@@ -79,11 +80,9 @@ class AttentionCapture(TorchFunctionMode):
             probabilities = attention_probabilities(query, key, bias, scale)
             self.records.append(ProbabilityRecord(probabilities))
             return torch.matmul(probabilities, value)
-        extra = {"enable_gqa": True} if enable_gqa else {}
-        output = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=0.0,
-                                                is_causal=is_causal, scale=scale, **extra)
-        self.records.append(SdpaRecord(query, key, value, attn_mask, is_causal, scale, enable_gqa, output))
-        return output
+        record = SdpaRecord(query, key, value, attn_mask, is_causal, scale, enable_gqa)
+        self.records.append(record)
+        return record.run(query, key, value, attn_mask)
 
     def _multi_head(self, args: Tuple, kwargs: Dict[str, Any]):
         bound = _MHA_SIGNATURE.bind(*args, **kwargs)

@@ -6,14 +6,17 @@ Two kinds, both read-only views of what the model computed:
   ``output_attentions``, an explicit softmax, ``nn.MultiheadAttention`` with weights); autograd
   gives their gradient directly.
 - ``SdpaRecord``: the model ran ``scaled_dot_product_attention``, which never forms them. The
-  record keeps q, k, v, the mask and the scale, and hooks the output O = A·V: with the
+  record keeps q, k, v, the mask and the scale; its source is the output O = A·V: with the
   gradient ∇O, ``∇A = ∇O · Vᵀ``, and ``A = softmax(q·kᵀ·scale + mask)`` is recomputed from q and k
-  when (and only while) the method needs it.
+  when (and only while) the method needs it. The call's backward through the attention then
+  reuses that A and ∇A rather than recomputing A inside the fused backward.
 """
 import math
+import weakref
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -100,28 +103,96 @@ def expand_groups(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -
 
 
 class SdpaRecord(AttentionRecord):
-    """A ``scaled_dot_product_attention`` call: the fused kernel ran; the probabilities and their
-    gradient are recomputed from what it was given."""
+    """A ``scaled_dot_product_attention`` call. Its forward is the fused kernel the model asked
+    for (``run``). The probabilities and their gradient are recomputed from q, k, v and ∇O when
+    the method needs them, and the backward of the call then reuses them instead of letting the
+    fused backward recompute A a second time: ``dV = Aᵀ·∇O``, ``dS = A ⊙ (∇A − rowsum(∇A ⊙ A))``,
+    ``dQ = s·dS·K``, ``dK = s·dSᵀ·Q``."""
 
     def __init__(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
-                 scale: Optional[float], enable_gqa: bool, output: Tensor):
+                 scale: Optional[float], enable_gqa: bool):
         self._query = query.detach()
+        self._key_heads, self._value_heads = key.detach(), value.detach()  # as given (grouped heads)
         self._key, self._value = (t.detach() for t in expand_groups(query, key, value, enable_gqa))
         self._mask = None if attn_mask is None else attn_mask.detach()
-        self._is_causal = is_causal
-        self._scale = scale
-        self.source = output if output.requires_grad else None
+        self._is_causal, self._scale, self._enable_gqa = is_causal, scale, enable_gqa
+        self._scale_value = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
         batch = torch.broadcast_shapes(query.shape[:-2], self._key.shape[:-2])
         self._shape = (*batch, query.shape[-2], self._key.shape[-2])
+        self._shared = {}  # A and ∇A of the backward in progress, from the method to the backward
 
     @property
     def shape(self):
         return self._shape
 
+    def run(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
+        """The model's fused attention; its output becomes this record's ``source``."""
+        mask_input = attn_mask if attn_mask is not None and attn_mask.requires_grad else None
+        output = _SharedBackwardAttention.apply(query, key, value, mask_input, self)
+        self.source = output if output.requires_grad else None
+        return output
+
+    def fused_forward(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        extra = {"enable_gqa": True} if self._enable_gqa else {}
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=self._mask, dropout_p=0.0,
+                                              is_causal=self._is_causal, scale=self._scale, **extra)
+
     def probabilities(self) -> Tensor:
-        q, k = self._query, self._key
-        bias = attention_bias(self._mask, self._is_causal, q.shape[-2], k.shape[-2], q.dtype, q.device)
-        return attention_probabilities(q, k, bias, self._scale).expand(self._shape)
+        if "A" not in self._shared:
+            q, k = self._query, self._key
+            bias = attention_bias(self._mask, self._is_causal, q.shape[-2], k.shape[-2], q.dtype, q.device)
+            self._shared["A"] = attention_probabilities(q, k, bias, self._scale).expand(self._shape)
+        return self._shared["A"]
 
     def attention_gradient(self, source_grad: Tensor) -> Tensor:
-        return torch.matmul(source_grad, self._value.transpose(-2, -1)).expand(self._shape)
+        self._shared["dA"] = torch.matmul(source_grad, self._value.transpose(-2, -1)).expand(self._shape)
+        return self._shared["dA"]
+
+    def input_gradients(self, output_grad: Tensor, needs: Tuple[bool, ...]):
+        """(dQ, dK, dV, dmask) from ∇O, reusing (and then releasing) the A and ∇A the method
+        computed for this layer; the method is done with them when this runs."""
+        probabilities = self.probabilities()
+        grad_attention = self._shared.pop("dA", None)
+        if grad_attention is None:
+            grad_attention = self.attention_gradient(output_grad)
+            self._shared.pop("dA")
+        self._shared.pop("A", None)
+        # dS = A ⊙ ∇A − A ⊙ rowsum(A ⊙ ∇A), written over ∇A (no other (B, H, N, N) buffer)
+        scores_grad = grad_attention.contiguous().mul_(probabilities)
+        scores_grad.addcmul_(probabilities, scores_grad.sum(-1, keepdim=True), value=-1)
+        q_grad = k_grad = v_grad = mask_grad = None
+        if needs[0]:
+            q_grad = torch.matmul(scores_grad, self._key).mul_(self._scale_value).sum_to_size(self._query.shape)
+        if needs[1]:
+            k_grad = _fold_groups(torch.matmul(scores_grad.transpose(-2, -1), self._query).mul_(self._scale_value),
+                                  self._key_heads.shape)
+        if needs[2]:
+            v_grad = _fold_groups(torch.matmul(probabilities.transpose(-2, -1), output_grad), self._value_heads.shape)
+        if needs[3] and self._mask is not None:
+            mask_grad = scores_grad.sum_to_size(self._mask.shape)
+        return q_grad, k_grad, v_grad, mask_grad
+
+
+def _fold_groups(grad: Tensor, shape) -> Tensor:
+    """A gradient over the query heads, summed back onto the key/value heads that served them."""
+    if grad.shape[-3] != shape[-3]:
+        grad = grad.unflatten(-3, (shape[-3], grad.shape[-3] // shape[-3])).sum(-3)
+    return grad.sum_to_size(shape)
+
+
+class _SharedBackwardAttention(torch.autograd.Function):
+    """The fused SDPA forward, and a backward that shares A and ∇A with the relevance rule."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask_input, record):
+        # A weak reference: record -> output -> its graph node -> record would be a reference
+        # cycle, keeping each call's whole autograd graph alive until the garbage collector runs.
+        ctx.record = weakref.ref(record)
+        return record.fused_forward(query, key, value)
+
+    @staticmethod
+    def backward(ctx, output_grad):
+        record = ctx.record()
+        if record is None:
+            raise RuntimeError("relfast: backward through an explanation's attention after the call ended")
+        return (*record.input_gradients(output_grad, ctx.needs_input_grad[:4]), None)
