@@ -10,22 +10,12 @@ Prints the median of ``--rounds`` calls of the plain SDPA forward (``torch.no_gr
 224 px, float32), and their ratio. Uses only relfast's public API.
 """
 import argparse
-import time
 
 import torch
 import transformers
 
 import relfast
-
-
-def median_seconds(fn, rounds):
-    fn()  # warm-up
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+from relfast.cli import _median_ms  # the CLI's timer (warm-up, then the median), in both checkouts
 
 
 def main():
@@ -39,9 +29,9 @@ def main():
     pixels = torch.randn(args.batch, 3, 224, 224)
     explainer = relfast.Explainer(model)
     with torch.no_grad():
-        forward = median_seconds(lambda: model(pixel_values=pixels), args.rounds)
-    explain = median_seconds(lambda: explainer(pixels), args.rounds)
-    print(f"{args.label}: B{args.batch} forward {forward * 1e3:.1f} ms, relfast {explain * 1e3:.1f} ms, "
+        forward = _median_ms(lambda: model(pixel_values=pixels), args.rounds)
+    explain = _median_ms(lambda: explainer(pixels), args.rounds)
+    print(f"{args.label}: B{args.batch} forward {forward:.1f} ms, relfast {explain:.1f} ms, "
           f"relfast / forward {explain / forward:.2f}", flush=True)
 
 

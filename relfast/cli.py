@@ -64,10 +64,13 @@ def _targets(spec: Optional[str], num_classes: int, tokens: bool = False) -> Opt
     except ValueError:
         _fail(f"--target must be {'token ids like 464 or 464,262' if tokens else 'class indices like 3 or 0,2'}, "
               f"got {spec!r}")
-    for value in values:
-        if not 0 <= value < num_classes:
-            _fail(f"--target {value} is out of range for a vocabulary of {num_classes} tokens [0, {num_classes})"
-                  if tokens else f"--target {value} is out of range for a model with {num_classes} classes")
+    from relfast.explain.targets import check_class_range
+
+    try:
+        check_class_range(torch.tensor(values), num_classes, where="--target", what="the list",
+                          unit="token" if tokens else "class")
+    except ValueError as error:
+        _fail(str(error))
     return values
 
 

@@ -215,8 +215,9 @@ def test_explain_causal_lm_with_target_token_ids(causal_lm_folder, tmp_path, cap
 
 
 @pytest.mark.parametrize("target,words", [
-    (str(len(LM_WORDS) + 2), f"--target {len(LM_WORDS) + 2} is out of range for a vocabulary of {len(LM_WORDS) + 2}"),
-    ("-1", "--target -1 is out of range for a vocabulary"),
+    (str(len(LM_WORDS) + 2), f"--target: the list holds token {len(LM_WORDS) + 2}, out of range for a model with "
+                             f"{len(LM_WORDS) + 2} tokens"),
+    ("-1", "--target: the list holds token -1, out of range"),
     ("cat", "--target must be token ids"),
 ])
 def test_explain_causal_lm_rejects_bad_targets(causal_lm_folder, tmp_path, capsys, monkeypatch, target, words):

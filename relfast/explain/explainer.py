@@ -1,8 +1,8 @@
 """relfast.Explainer: explanations of unmodified models, batched, for any target.
 
 Thin on purpose: it resolves the model's family and the method once, then each call runs one
-:class:`~relfast.explain.session.Session`. The default method is [P2]'s generic rule; see
-``relfast.explain.methods`` for each method and ``docs``/the README for the math.
+:class:`~relfast.explain.session.Session`. The default method is [P2]'s generic rule; each
+method's file in ``relfast.explain.methods`` states its rule.
 """
 from dataclasses import dataclass
 from typing import Any, Optional

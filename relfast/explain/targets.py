@@ -82,14 +82,17 @@ class Targets:
         return scores.gather(1, classes.view(-1, 1)).sum()
 
 
-def check_class_range(classes: Tensor, num_classes: int, where: str = "relfast.Explainer") -> None:
-    """The one range check of explained classes: every entry in [0, num_classes)."""
+def check_class_range(classes: Tensor, num_classes: int, where: str = "relfast.Explainer",
+                      what: str = "argument 'target'", unit: str = "class") -> None:
+    """The one range check of explained classes (or a causal LM's token ids, ``unit="token"``):
+    every entry in [0, num_classes). Used by the engine and the command line."""
     if classes.numel() == 0:
         return
     low, high = int(classes.min()), int(classes.max())
     if low < 0 or high >= num_classes:
-        raise ValueError(f"{where}: argument 'target' holds class {low if low < 0 else high}, out of range for a model "
-                         f"with {num_classes} classes [0, {num_classes})")
+        plural = "classes" if unit == "class" else unit + "s"
+        raise ValueError(f"{where}: {what} holds {unit} {low if low < 0 else high}, out of range for a model with "
+                         f"{num_classes} {plural} [0, {num_classes})")
 
 
 def _as_index_tensor(target, where: str) -> Tensor:
