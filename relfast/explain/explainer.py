@@ -36,11 +36,15 @@ class Explanation:
     target: Optional[Tensor]
     relevance: Tensor
     layout: TokenLayout
+    full_matrix: bool = False
 
     def image_map(self, upsample: bool = False) -> Tensor:
         """Vision models: the patch map (B[, K], h_p, w_p), prefix tokens dropped. With
         ``upsample=True``: bilinear upsampling by the patch size (align_corners=False) to pixels,
         then min-max normalisation of each map to [0, 1], as the reference code does."""
+        if self.full_matrix:
+            raise ValueError("relfast.Explanation.image_map: this explanation holds all rows of R (full_matrix=True); "
+                             "a patch map is one row: use relevance[:, row] or explain with full_matrix=False")
         grid = self.layout.to_grid(self.relevance)
         return self.layout.to_pixels(grid) if upsample else grid
 
@@ -77,6 +81,9 @@ class Explainer:
         self.model = model
         self.family: Family = family_for(model, layout)
         self.method = method
+        sites = self.family.attention_sites()
+        if sites is not None:
+            self._method.check_layers(sites)
 
     @property
     def layout(self) -> TokenLayout:
@@ -100,7 +107,7 @@ class Explainer:
                              "needs a callable 'target' mapping its output to one scalar per sample")
         targets = Targets.parse(target, self.family.num_classes())
         logits, explained, relevance = self._explain(inputs, targets)
-        return Explanation(logits, explained, relevance, self.layout)
+        return Explanation(logits, explained, relevance, self.layout, self.full_matrix)
 
     def _explain(self, inputs: Any, targets: Targets, traced: bool = False):
         """One session: (scores, explained classes, float32 relevance). ``relfast.export``

@@ -65,8 +65,10 @@ class Session:
             if not self.traced and explained is not None:  # families that know no class count before the forward
                 check_class_range(explained, scores.shape[-1])
             run = Run(records, call.rows, call.token_mask, self.family.layout, scores, explained, self.targets)
-            relevance = self.method.relevance(run)
-        return scores.detach(), explained, relevance.detach().float()
+            relevance = self.method.relevance(run).detach().float()
+        if not self.traced:
+            _check_finite_result(scores, relevance)
+        return scores.detach(), explained, relevance
 
     def _check_records(self, records: List[AttentionRecord], call: ModelCall) -> int:
         """Every site seen, all of one (B, H, N, N) self-attention shape; returns N."""
@@ -105,6 +107,16 @@ def _check_eval_mode(model: torch.nn.Module) -> None:
     if training:
         raise ValueError(f"relfast.Explainer: the model is in training mode ({len(training)} modules, e.g. "
                          f"'{training[0]}'); explanations need the deterministic model: call model.eval() first")
+
+
+def _check_finite_result(scores: Tensor, relevance: Tensor) -> None:
+    """Finite inputs can still overflow (huge weights, float16): never return a non-finite map."""
+    if not bool(torch.isfinite(scores.detach()).all()):
+        raise ValueError("relfast.Explainer: the model's output holds NaN or infinite values for these inputs (overflow "
+                         "in the model's weights or dtype?); there is nothing meaningful to explain")
+    if not bool(torch.isfinite(relevance).all()):
+        raise ValueError("relfast.Explainer: the relevance overflowed to NaN or infinite values (the gradients of the "
+                         "explained output are too large for the model's dtype); explain it in float32")
 
 
 def _device(call: ModelCall):

@@ -98,6 +98,8 @@ def check_class_range(classes: Tensor, num_classes: int, where: str = "relfast.E
 def _as_index_tensor(target, where: str) -> Tensor:
     if isinstance(target, bool):
         raise ValueError(f"{where}: argument 'target' must be a class index, got a bool")
+    if type(target).__module__ == "numpy":  # numpy integers and arrays, as the ONNX runtime takes them
+        target = torch.as_tensor(target)
     if isinstance(target, int):
         return torch.tensor(target)
     if isinstance(target, Tensor):

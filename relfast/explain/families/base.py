@@ -137,13 +137,31 @@ def check_batch(inputs: Dict[str, Tensor], key: str) -> int:
     """The batch size of ``inputs[key]``, rejecting empty batches before any work."""
     if key not in inputs:
         raise ValueError(f"relfast.Explainer: argument 'inputs' must contain '{key}', got keys {sorted(inputs)}")
-    if not isinstance(inputs[key], Tensor) or inputs[key].dim() == 0:
+    check_tensors({key: inputs[key]})
+    if inputs[key].dim() == 0:
         raise ValueError(f"relfast.Explainer: argument 'inputs' ('{key}') must be a tensor with a batch dimension")
     batch = inputs[key].shape[0]
     if batch == 0:
         raise ValueError(f"relfast.Explainer: argument 'inputs' holds an empty batch ('{key}' has shape "
                          f"{tuple(inputs[key].shape)}); there is nothing to explain")
     return batch
+
+
+def check_tensors(inputs: Dict[str, Any]) -> None:
+    """Every input a torch tensor (numpy arrays and lists fail obscurely inside models)."""
+    for key, value in inputs.items():
+        if not isinstance(value, Tensor):
+            hint = "; convert it with torch.from_numpy(...)" if type(value).__module__ == "numpy" else ""
+            raise ValueError(f"relfast.Explainer: argument 'inputs' ('{key}') must be a torch.Tensor, got "
+                             f"{type(value).__module__}.{type(value).__name__}{hint}")
+
+
+def check_keys(inputs: Dict[str, Any], allowed: frozenset, model: torch.nn.Module) -> None:
+    """A misspelled key (``attn_mask``) would be dropped or ignored by the model: refuse it."""
+    unknown = sorted(set(inputs) - set(allowed))
+    if unknown:
+        raise ValueError(f"relfast.Explainer: argument 'inputs' has key(s) {unknown} that relfast does not pass to "
+                         f"{type(model).__name__}; expected keys among {sorted(allowed)}")
 
 
 def check_images(pixels: Any, expected_chw: Tuple[int, ...]) -> int:
@@ -154,37 +172,69 @@ def check_images(pixels: Any, expected_chw: Tuple[int, ...]) -> int:
         raise ValueError(f"relfast.Explainer: argument 'inputs' (pixel_values) must have shape (B, "
                          f"{', '.join(map(str, expected_chw))}) for this model, got {tuple(pixels.shape)}")
     if not pixels.dtype.is_floating_point:
-        raise ValueError(f"relfast.Explainer: argument 'inputs' (pixel_values) must be a floating-point tensor, got "
-                         f"{pixels.dtype}")
+        raise ValueError(f"relfast.Explainer: argument 'inputs' (pixel_values) must be a floating-point tensor "
+                         f"(normalised as the model expects), got {pixels.dtype}")
     return batch
 
 
 def image_inputs(inputs: Any, key: str = "pixel_values") -> Tensor:
-    """An image batch given as a tensor or as a processor's dict."""
+    """An image batch given as a tensor or as a processor's dict (holding only ``key``)."""
     if isinstance(inputs, Tensor):
         return inputs
     if hasattr(inputs, "keys"):
         inputs = dict(inputs)
         if key not in inputs:
             raise ValueError(f"relfast.Explainer: argument 'inputs' must contain '{key}', got keys {sorted(inputs)}")
+        unknown = sorted(set(inputs) - {key})
+        if unknown:
+            raise ValueError(f"relfast.Explainer: argument 'inputs' has key(s) {unknown} that an image model does not "
+                             f"take; expected only '{key}'")
         return inputs[key]
+    check_tensors({"inputs": inputs})
     raise ValueError(f"relfast.Explainer: argument 'inputs' must be an image tensor (B, C, H, W) or a dict with "
                      f"'{key}', got {type(inputs).__name__}")
 
 
-def text_inputs(inputs: Any) -> Tuple[Dict[str, Tensor], int]:
-    """A tokenizer's dict (or bare input_ids) as a dict, and its batch size, validated."""
-    inputs = {"input_ids": inputs} if isinstance(inputs, Tensor) else dict(inputs)
+TEXT_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_ids"})
+
+
+def text_inputs(inputs: Any, allowed: frozenset = TEXT_KEYS, model: Optional[torch.nn.Module] = None):
+    """A tokenizer's dict (or bare input_ids) as a dict, and its batch size, validated: tensors
+    only, known keys, integer ids (B, N) with N >= 1, masks of the ids' shape."""
+    if hasattr(inputs, "keys"):
+        inputs = dict(inputs)
+    elif isinstance(inputs, Tensor):
+        inputs = {"input_ids": inputs}
+    else:
+        check_tensors({"inputs": inputs})
+    check_tensors(inputs)
+    if model is not None:
+        check_keys(inputs, allowed, model)
     batch = check_batch(inputs, "input_ids")
     ids = inputs["input_ids"]
-    if ids.dim() != 2 or ids.dtype.is_floating_point:
+    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise ValueError("relfast.Explainer: argument 'inputs' (input_ids) must be an integer tensor of shape (B, N), "
                          f"got {ids.dtype} {tuple(ids.shape)}")
-    mask = inputs.get("attention_mask")
-    if mask is not None and tuple(mask.shape) != tuple(ids.shape):
-        raise ValueError(f"relfast.Explainer: argument 'inputs' (attention_mask) must have the shape of input_ids "
-                         f"{tuple(ids.shape)}, got {tuple(mask.shape)}")
+    if ids.shape[1] == 0:
+        raise ValueError("relfast.Explainer: argument 'inputs' (input_ids) holds empty sequences (N = 0); there is "
+                         "nothing to explain")
+    for key in ("attention_mask", "token_type_ids", "position_ids"):
+        if key in inputs and tuple(inputs[key].shape) != tuple(ids.shape):
+            raise ValueError(f"relfast.Explainer: argument 'inputs' ({key}) must have the shape of input_ids "
+                             f"{tuple(ids.shape)}, got {tuple(inputs[key].shape)}")
     return inputs, batch
+
+
+def check_token_ids(ids: Tensor, vocab_size: Optional[int], max_positions: Optional[int]) -> None:
+    """Ids inside the vocabulary; sequences no longer than the model's learned positions."""
+    if vocab_size is not None and ids.numel():
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"relfast.Explainer: argument 'inputs' (input_ids) holds token id {low if low < 0 else high}"
+                             f", outside the model's vocabulary [0, {vocab_size})")
+    if max_positions is not None and ids.shape[1] > max_positions:
+        raise ValueError(f"relfast.Explainer: argument 'inputs' (input_ids) holds sequences of {ids.shape[1]} tokens; "
+                         f"the model has {max_positions} positions")
 
 
 class HFFamily(Family):

@@ -1,5 +1,5 @@
 """HuggingFace BERT-family sequence classifiers and encoders (BERT, RoBERTa, DistilBERT)."""
-from .base import HFFamily, ModelCall, register, text_inputs
+from .base import HFFamily, ModelCall, check_token_ids, register, text_inputs
 
 # Tested families only; a sibling with the same attention is one name away (and one test).
 _CLASSIFIERS = frozenset({"BertForSequenceClassification", "RobertaForSequenceClassification",
@@ -16,10 +16,15 @@ class HFBertFamily(HFFamily):
         return None if self.needs_callable_target else self.model.config.num_labels
 
     def parse(self, inputs):
-        inputs, batch = text_inputs(inputs)
+        inputs, batch = text_inputs(inputs, model=self.model)
         mask = inputs.get("attention_mask")
         return ModelCall(inputs, batch, num_tokens=inputs["input_ids"].shape[1],
                          token_mask=None if mask is None else mask.bool())
+
+    def check_values(self, call):
+        super().check_values(call)
+        config = self.model.config
+        check_token_ids(call.kwargs["input_ids"], config.vocab_size, getattr(config, "max_position_embeddings", None))
 
 
 @register

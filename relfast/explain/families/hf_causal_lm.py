@@ -8,7 +8,7 @@ as ``generate`` computes them, so a padded sample is explained as it is alone.
 import torch
 
 from ..layout import TokenLayout
-from .base import HFFamily, ModelCall, register, text_inputs
+from .base import TEXT_KEYS, HFFamily, ModelCall, check_token_ids, register, text_inputs
 
 _NAMES = frozenset({"GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"})
 
@@ -25,7 +25,7 @@ class HFCausalLM(HFFamily):
         return self.model.config.vocab_size
 
     def parse(self, inputs):
-        inputs, batch = text_inputs(inputs)
+        inputs, batch = text_inputs(inputs, TEXT_KEYS - {"token_type_ids"}, self.model)
         mask = inputs.get("attention_mask")
         kwargs = dict(inputs, use_cache=False)
         if mask is not None and "position_ids" not in inputs:
@@ -35,6 +35,9 @@ class HFCausalLM(HFFamily):
 
     def check_values(self, call):
         super().check_values(call)
+        # learned absolute positions (GPT-2) end at n_positions; rotary ones (Llama, ...) do not
+        absolute = getattr(self.model.config, "n_positions", None)
+        check_token_ids(call.kwargs["input_ids"], self.model.config.vocab_size, absolute)
         if call.token_mask is not None and not bool(call.token_mask.any(dim=1).all()):
             raise ValueError("relfast.Explainer: argument 'inputs' holds a sample whose attention_mask is all zeros; "
                              "every sample needs at least one real token")

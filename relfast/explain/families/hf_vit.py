@@ -29,5 +29,4 @@ class HFVisionTransformer(HFFamily):
         pixels = image_inputs(inputs)
         image = _pair(self.model.config.image_size)
         batch = check_images(pixels, (self.model.config.num_channels, *image))
-        extra = {k: v for k, v in dict(inputs).items() if k != "pixel_values"} if hasattr(inputs, "keys") else {}
-        return ModelCall({"pixel_values": pixels, **extra}, batch)
+        return ModelCall({"pixel_values": pixels}, batch)

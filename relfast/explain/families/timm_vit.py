@@ -21,6 +21,8 @@ class TimmVisionTransformer(Family):
             raise ValueError("relfast.Explainer: this timm VisionTransformer has no class token; the methods explain "
                              "the class token's row of the relevance map")
         super().__init__(model, layout)
+        # num_classes=0: a headless feature extractor; its output is not class scores
+        self.needs_callable_target = not model.num_classes
 
     def default_layout(self):
         embed = self.model.patch_embed
@@ -34,7 +36,7 @@ class TimmVisionTransformer(Family):
         return len(self.model.blocks)
 
     def parse(self, inputs):
-        pixels = image_inputs(inputs, "pixel_values" if hasattr(inputs, "keys") and "pixel_values" in inputs else "x")
+        pixels = image_inputs(inputs, "x" if hasattr(inputs, "keys") and "x" in inputs else "pixel_values")
         batch = check_images(pixels, (self.model.patch_embed.proj.in_channels, *self.model.patch_embed.img_size))
         return ModelCall({}, batch, args=(pixels,))
 

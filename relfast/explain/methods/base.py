@@ -101,6 +101,9 @@ class Method:
     def full_matrix(self) -> bool:
         return bool(getattr(self, "_full_matrix", False))
 
+    def check_layers(self, layers: int) -> None:
+        """Options that depend on the model's number of attention layers, checked once it is known."""
+
     def relevance(self, run: Run) -> Tensor:
         """(B, N) rows (or (B, N, N) with full_matrix); (B, K, ...) for K targets per sample."""
         raise NotImplementedError

@@ -19,10 +19,12 @@ class Rollout(Method):
             raise ValueError(f"relfast.Explainer: argument 'start_layer' must be an int, got {start_layer!r}")
         super().__init__(start_layer=start_layer, _full_matrix=bool(full_matrix))
 
-    def relevance(self, run: Run) -> torch.Tensor:
-        layers = len(run.records)
+    def check_layers(self, layers: int) -> None:
         if not -layers <= self.start_layer < layers:
             raise ValueError(f"relfast.Explainer: argument 'start_layer' is {self.start_layer}, out of range for a "
                              f"model with {layers} attention layers [-{layers}, {layers})")
+
+    def relevance(self, run: Run) -> torch.Tensor:
+        self.check_layers(len(run.records))
         matrix = ops.rollout([record.probabilities() for record in run.records], self.start_layer)
         return repeat_targets(matrix if self.full_matrix else run.gather_rows(matrix), run)
