@@ -61,13 +61,16 @@ class Session:
             if call.rows is None:
                 call.rows = self.family.layout.explained_rows(call.batch, call.token_mask, num_tokens, _device(call))
             scores = self.family.scores(output, call)
+            if not self.traced:
+                _check_finite_scores(scores)
             explained = self.targets.resolve(scores)
             if not self.traced and explained is not None:  # families that know no class count before the forward
                 check_class_range(explained, scores.shape[-1])
             run = Run(records, call.rows, call.token_mask, self.family.layout, scores, explained, self.targets)
             relevance = self.method.relevance(run).detach().float()
-        if not self.traced:
-            _check_finite_result(scores, relevance)
+        if not self.traced and not bool(torch.isfinite(relevance).all()):
+            raise ValueError("relfast.Explainer: the relevance overflowed to NaN or infinite values (the gradients of "
+                             "the explained output are too large for the model's dtype); explain it in float32")
         return scores.detach(), explained, relevance
 
     def _check_records(self, records: List[AttentionRecord], call: ModelCall) -> int:
@@ -109,14 +112,12 @@ def _check_eval_mode(model: torch.nn.Module) -> None:
                          f"'{training[0]}'); explanations need the deterministic model: call model.eval() first")
 
 
-def _check_finite_result(scores: Tensor, relevance: Tensor) -> None:
-    """Finite inputs can still overflow (huge weights, float16): never return a non-finite map."""
+def _check_finite_scores(scores: Tensor) -> None:
+    """Finite inputs can still overflow in the forward (huge weights or pixel values)."""
     if not bool(torch.isfinite(scores.detach()).all()):
         raise ValueError("relfast.Explainer: the model's output holds NaN or infinite values for these inputs (overflow "
-                         "in the model's weights or dtype?); there is nothing meaningful to explain")
-    if not bool(torch.isfinite(relevance).all()):
-        raise ValueError("relfast.Explainer: the relevance overflowed to NaN or infinite values (the gradients of the "
-                         "explained output are too large for the model's dtype); explain it in float32")
+                         "in the model's arithmetic: inputs or weights too large for its dtype?); there is nothing "
+                         "meaningful to explain")
 
 
 def _device(call: ModelCall):
