@@ -60,14 +60,26 @@ class OnnxExplainer:
         if session_options is None:
             session_options = ort.SessionOptions()
             session_options.log_severity_level = 3  # keep provider fallbacks quiet; errors still raise
-        self.session = ort.InferenceSession(str(path), session_options,
-                                            providers=list(providers) if providers else default_providers())
+        where = "relfast.runtime.OnnxExplainer: argument 'path'"
+        try:
+            self.session = ort.InferenceSession(str(path), session_options,
+                                                providers=list(providers) if providers else default_providers())
+        except Exception as error:  # ORT raises its own types (InvalidProtobuf, Fail, ...) for unreadable files
+            if path.stat().st_size == 0:
+                raise ValueError(f"{where}: {path} is empty, not an ONNX model") from None
+            first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise ValueError(f"{where}: {path} is not a readable ONNX model ({first_line})") from None
         stored = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if stored is None:
-            raise ValueError(f"relfast.runtime.OnnxExplainer: {path} was not written by relfast.export.to_onnx (no "
-                             f"'{METADATA_KEY}' metadata); run plain models with onnxruntime directly")
-        self.spec: Dict[str, Any] = json.loads(stored)
-        self.input_names = [entry["name"] for entry in self.spec["inputs"]]
+            raise ValueError(f"{where}: {path} was not written by relfast.export.to_onnx (no '{METADATA_KEY}' "
+                             "metadata); run plain models with onnxruntime directly")
+        try:
+            self.spec: Dict[str, Any] = json.loads(stored)
+            self.input_names = [entry["name"] for entry in self.spec["inputs"]]
+            int(self.spec["num_classes"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{where}: the '{METADATA_KEY}' metadata of {path} is damaged ({type(error).__name__}: "
+                             f"{error}); export the model again with relfast.export.to_onnx") from None
         self.providers = self.session.get_providers()
 
     @property
@@ -91,7 +103,12 @@ class OnnxExplainer:
         ``explained_target`` (the classes explained, (B,))."""
         feeds = self._feeds(inputs, target)
         values = self.session.run(None, feeds)
-        return {output.name: value for output, value in zip(self.session.get_outputs(), values)}
+        outputs = {output.name: value for output, value in zip(self.session.get_outputs(), values)}
+        for name in ("logits", "relevance"):  # as the eager explainer: never a non-finite result
+            if name in outputs and not np.isfinite(outputs[name]).all():
+                raise ValueError(f"relfast.runtime.OnnxExplainer: the model's {name} overflowed to NaN or infinite "
+                                 "values for these inputs; there is nothing meaningful to explain")
+        return outputs
 
     def image_map(self, relevance: np.ndarray) -> np.ndarray:
         """Vision models: the patch map (B, h_p, w_p) of ``relevance`` (special tokens dropped)."""
@@ -151,6 +168,10 @@ class OnnxExplainer:
             raise ValueError(f"{where} holds an empty batch; there is nothing to explain")
         if np.issubdtype(dtype, np.floating) and not np.isfinite(value).all():
             raise ValueError(f"{where} holds NaN or infinite values")
+        positions = self.spec.get("max_positions")
+        if name == "input_ids" and positions and value.ndim == 2 and value.shape[1] > positions:
+            raise ValueError(f"{where} holds sequences of {value.shape[1]} tokens; the exported model has {positions} "
+                             "positions")
         vocab = self.spec.get("vocab_size")
         if name == "input_ids" and vocab and value.size and (value.min() < 0 or value.max() >= vocab):
             bad = value.min() if value.min() < 0 else value.max()

@@ -289,3 +289,57 @@ print(runtime.providers, logits.shape, relevance.shape, runtime.image_map(releva
     assert "(3, 4) (3, 65) (3, 8, 8)" in proc.stdout
     eager = relfast.Explainer(relfast.models.default_model())(torch.from_numpy(image))
     assert rel_err(np.load(default_files["onnx"].with_suffix(".out.npy")), eager.relevance) <= RELEVANCE_RTOL
+
+
+def damaged_copy(source, folder, metadata):
+    model = onnx.load(str(source))
+    for entry in model.metadata_props:
+        if entry.key == "relfast":
+            entry.value = metadata
+    path = folder / "damaged.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["empty", "garbage", "metadata not JSON", "metadata without inputs", "plain model"])
+def test_runtime_refuses_unreadable_files_clearly(default_files, tmp_path, kind):
+    path = tmp_path / "bad.onnx"
+    if kind == "empty":
+        path.write_bytes(b"")
+        words = "is empty, not an ONNX model"
+    elif kind == "garbage":
+        path.write_bytes(b"this is not a protobuf" * 10)
+        words = "is not a readable ONNX model"
+    elif kind == "metadata not JSON":
+        path = damaged_copy(default_files["onnx"], tmp_path, "{not json")
+        words = "metadata of .* is damaged \\(JSONDecodeError"
+    elif kind == "metadata without inputs":
+        path = damaged_copy(default_files["onnx"], tmp_path, json.dumps({"method": "generic"}))
+        words = "metadata of .* is damaged \\(KeyError"
+    else:
+        model = onnx.load(str(default_files["onnx"]))
+        del model.metadata_props[:]
+        onnx.save(model, str(path))
+        words = "was not written by relfast.export.to_onnx"
+    with pytest.raises(ValueError, match="relfast.runtime.OnnxExplainer: argument 'path': .*" + words):
+        OnnxExplainer(path, providers=["CPUExecutionProvider"])
+
+
+def test_runtime_refuses_a_non_finite_result(default_files):
+    """Where ONNX Runtime's own arithmetic overflows (weights or inputs too large), the runtime
+    refuses the result as the eager explainer does, instead of returning NaN maps."""
+    runtime = OnnxExplainer(default_files["onnx"], providers=["CPUExecutionProvider"])
+    real_run = runtime.session.run
+
+    class Overflowing:
+        def __getattr__(self, name):
+            return getattr(runtime.session_, name)
+
+        def run(self, names, feeds):
+            logits, relevance, explained = real_run(names, feeds)
+            relevance[0, 0] = np.inf
+            return [logits, relevance, explained]
+
+    runtime.session_, runtime.session = runtime.session, Overflowing()
+    with pytest.raises(ValueError, match="relevance overflowed to NaN or infinite"):
+        runtime(GOOD)

@@ -168,3 +168,19 @@ def test_runtime_checks_token_ids_and_next_tokens(exported):
     with pytest.raises(ValueError, match="input 'attention_mask' has shape \\(2, 5\\), but input 'input_ids' has "
                                          "sequence size 6"):
         runtime(good["input_ids"], good["attention_mask"][:, :5])
+
+
+def test_runtime_refuses_sequences_longer_than_the_positions(exported):
+    """GPT-2's learned positions end at n_positions (64): a longer prompt is refused before ONNX
+    Runtime sees it (it would fail inside with an indexing error); Llama's rotary positions do not end."""
+    runtime = exported["onnx"]
+    long = {"input_ids": np.ones((1, 65), np.int64), "attention_mask": np.ones((1, 65), np.int64)}
+    if exported["name"] == "gpt2":
+        assert runtime.spec["max_positions"] == 64
+        with pytest.raises(ValueError, match="input 'input_ids' holds sequences of 65 tokens; the exported model has "
+                                             "64 positions"):
+            runtime(long)
+    else:
+        assert runtime.spec["max_positions"] is None
+        logits, relevance = runtime(long)
+        assert relevance.shape == (1, 65) and np.isfinite(relevance).all()

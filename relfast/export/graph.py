@@ -159,6 +159,7 @@ def trace(explainer: Explainer, example_inputs: Any, *, decompose: bool, dynamic
         "outputs": list(OUTPUT_NAMES),
         "num_classes": int(logits.shape[-1]),
         "vocab_size": getattr(config, "vocab_size", None) if not vision else None,
+        "max_positions": explainer.family.max_positions(),
         "num_prefix_tokens": explainer.layout.prefix_tokens,
         "patch_grid": list(explainer.layout.patch_grid) if vision else None,
         "patch_size": list(explainer.layout.patch_size) if explainer.layout.patch_size else None,

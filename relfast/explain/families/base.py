@@ -72,6 +72,10 @@ class Family:
         """Classes the target indexes (None: not known before the forward)."""
         return None
 
+    def max_positions(self) -> Optional[int]:
+        """Text models with learned absolute positions: the longest sequence they take."""
+        return None
+
     def attention_sites(self) -> Optional[int]:
         """How many attention sites one forward must show (None: not known)."""
         return None

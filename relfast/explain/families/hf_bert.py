@@ -21,10 +21,12 @@ class HFBertFamily(HFFamily):
         return ModelCall(inputs, batch, num_tokens=inputs["input_ids"].shape[1],
                          token_mask=None if mask is None else mask.bool())
 
+    def max_positions(self):
+        return getattr(self.model.config, "max_position_embeddings", None)
+
     def check_values(self, call):
         super().check_values(call)
-        config = self.model.config
-        check_token_ids(call.kwargs["input_ids"], config.vocab_size, getattr(config, "max_position_embeddings", None))
+        check_token_ids(call.kwargs["input_ids"], self.model.config.vocab_size, self.max_positions())
 
 
 @register

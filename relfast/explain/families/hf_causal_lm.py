@@ -33,11 +33,13 @@ class HFCausalLM(HFFamily):
         return ModelCall(kwargs, batch, num_tokens=inputs["input_ids"].shape[1],
                          token_mask=None if mask is None else mask.bool())
 
+    def max_positions(self):
+        # learned absolute positions (GPT-2) end at n_positions; rotary ones (Llama, ...) do not
+        return getattr(self.model.config, "n_positions", None)
+
     def check_values(self, call):
         super().check_values(call)
-        # learned absolute positions (GPT-2) end at n_positions; rotary ones (Llama, ...) do not
-        absolute = getattr(self.model.config, "n_positions", None)
-        check_token_ids(call.kwargs["input_ids"], self.model.config.vocab_size, absolute)
+        check_token_ids(call.kwargs["input_ids"], self.model.config.vocab_size, self.max_positions())
         if call.token_mask is not None and not bool(call.token_mask.any(dim=1).all()):
             raise ValueError("relfast.Explainer: argument 'inputs' holds a sample whose attention_mask is all zeros; "
                              "every sample needs at least one real token")
