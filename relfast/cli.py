@@ -38,8 +38,27 @@ def _fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def _read_image(path: Path, size: int) -> torch.Tensor:
-    """(3, size, size) float in [0, 1]."""
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else "no message"
+
+
+def _load_checkpoint(path: Optional[str]):
+    """The embedded model (no path) or a checkpoint of scripts/train_default_model.py; a garbage,
+    truncated or foreign file is one clear error."""
+    from relfast.models import default_model, load_model
+
+    if path is None:
+        return default_model()
+    try:
+        return load_model(path)
+    except Exception as error:  # torch.load / load_state_dict raise many types for a bad file
+        _fail(f"--model {path} is not a checkpoint written by scripts/train_default_model.py "
+              f"({type(error).__name__}: {_first_line(error)})")
+
+
+def _read_image(path: Path, size: int):
+    """(3, size, size) float in [0, 1], and the image's own (height, width)."""
     import matplotlib.pyplot as plt
 
     try:
@@ -51,7 +70,9 @@ def _read_image(path: Path, size: int) -> torch.Tensor:
     if pixels.dim() == 2:
         pixels = pixels.unsqueeze(-1).expand(-1, -1, 3)
     pixels = pixels[..., :3].permute(2, 0, 1)
-    return torch.nn.functional.interpolate(pixels[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+    original = tuple(pixels.shape[1:])
+    resized = torch.nn.functional.interpolate(pixels[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+    return resized, original
 
 
 def _targets(spec: Optional[str], num_classes: int, tokens: bool = False) -> Optional[List[int]]:
@@ -94,7 +115,6 @@ def explain_images(args) -> None:
 
     import relfast
     from relfast.data import normalize
-    from relfast.models import default_model, load_model
 
     source = Path(args.image)
     if not source.exists():
@@ -104,16 +124,22 @@ def explain_images(args) -> None:
         _fail(f"--image folder {source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if args.model is not None and not Path(args.model).is_file():
         _fail(f"--model {args.model} is not a checkpoint file")
-    model = load_model(args.model) if args.model else default_model()
+    model = _load_checkpoint(args.model)
     size, classes = model.config.image_size, model.config.num_labels
     names = list(relfast.data.CLASSES) if args.model is None else [str(c) for c in range(classes)]
     targets = _targets(args.target, classes)
-    explainer = relfast.Explainer(model, args.method)
+    try:
+        explainer = relfast.Explainer(model, args.method)
+    except ValueError as error:
+        _fail(str(error))
     out = Path(args.out)
     if source.is_dir():
         out.mkdir(parents=True, exist_ok=True)
     for path in tqdm(paths, desc="explaining", unit="image", disable=len(paths) == 1 or args.quiet):
-        image = _read_image(path, size)
+        image, original = _read_image(path, size)
+        if original != (size, size) and not args.quiet:
+            tqdm.write(f"note: {path} is {original[1]}x{original[0]} px; resized to the model's {size}x{size} "
+                       "(the aspect is not kept)")
         explanation = explainer(normalize(image)[None], target=[targets] if targets and len(targets) > 1 else
                                 (targets[0] if targets else None))
         maps = explanation.image_map(upsample=True)[0]
@@ -149,8 +175,11 @@ def explain_text(args) -> None:
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
     explained = tokenizer([args.text], return_tensors="pt")
     other = tokenizer([args.compare], return_tensors="pt")
-    target = relfast.explain.mean_pooled_cosine(model, explained, other)
-    out = relfast.Explainer(model, args.method)(explained, target=target)
+    try:
+        target = relfast.explain.mean_pooled_cosine(model, explained, other)
+        out = relfast.Explainer(model, args.method)(explained, target=target)
+    except (ValueError, IndexError) as error:  # e.g. a text longer than the model's 512 positions
+        _fail(f"--text: {_first_line(error)}")
     tokens = tokenizer.convert_ids_to_tokens(explained["input_ids"][0])
     keep = [i for i, t in enumerate(tokens) if t not in tokenizer.all_special_tokens]
     relfast.viz.save_text_html([([tokens[i] for i in keep], out.relevance[0, keep], f"similar to: {args.compare}")],
@@ -167,18 +196,30 @@ def explain_text_classifier(args) -> None:
     if not Path(args.model).is_dir():
         _fail(f"--model {args.model}: with --text, give a folder holding a HuggingFace sequence classifier "
               "or causal LM and its tokenizer (save_pretrained)")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForSequenceClassification.from_pretrained(args.model).eval()
+    except (OSError, ValueError, KeyError) as error:
+        _fail(f"--model {args.model} is not a HuggingFace sequence classifier or causal LM folder with its tokenizer "
+              f"({type(error).__name__}: {_first_line(error)})")
     targets = _targets(args.target, model.config.num_labels)
     inputs = tokenizer([args.text], return_tensors="pt")
-    out = relfast.Explainer(model, args.method)(inputs, target=targets[0] if targets else None)
+    try:
+        explainer = relfast.Explainer(model, args.method)
+        # several --target classes: one heatmap row each, from one forward
+        out = explainer(inputs, target=None if not targets else targets[0] if len(targets) == 1 else targets)
+    except ValueError as error:
+        _fail(str(error))
     tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
     keep = [i for i, t in enumerate(tokens) if t not in tokenizer.all_special_tokens]
-    label = model.config.id2label.get(int(out.target[0]), str(int(out.target[0])))
-    relfast.viz.save_text_html([([tokens[i] for i in keep], out.relevance[0, keep], f"class: {label}")], args.out)
+    explained = out.target[0].view(-1).tolist()
+    labels = [model.config.id2label.get(c, str(c)) for c in explained]
+    rows = out.relevance[0].view(len(explained), -1)[:, keep]
+    relfast.viz.save_text_html([([tokens[i] for i in keep], row, f"class: {label}") for label, row in zip(labels, rows)],
+                               args.out)
     if not args.quiet:
         print(f"wrote {args.out} (predicted {model.config.id2label.get(int(out.logits[0].argmax()), '?')}, "
-              f"explained {label})")
+              f"explained {', '.join(labels)})")
 
 
 def _quoted(tokenizer, token_id: int) -> str:
@@ -192,8 +233,12 @@ def explain_causal_lm(args) -> None:
 
     import relfast
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    except (OSError, ValueError, KeyError) as error:
+        _fail(f"--model {args.model}: cannot load the causal LM and its tokenizer ({type(error).__name__}: "
+              f"{_first_line(error)})")
     targets = _targets(args.target, model.config.vocab_size, tokens=True)
     inputs = tokenizer([args.text], return_tensors="pt")
     if inputs["input_ids"].shape[1] == 0:
@@ -223,13 +268,11 @@ def explain_causal_lm(args) -> None:
 
 def _load_for_export(spec: Optional[str]):
     """(model, example_inputs, make_inputs(batch, seed)) for --model."""
-    from relfast.models import default_model, load_model
-
     path = Path(spec) if spec else None
     if path is not None and not path.exists():
         _fail(f"--model {spec} does not exist")
     if path is None or path.is_file():
-        model = load_model(path) if path else default_model()
+        model = _load_checkpoint(spec)
     else:
         from transformers import (AutoModelForCausalLM, AutoModelForImageClassification,
                                   AutoModelForSequenceClassification)
@@ -238,7 +281,11 @@ def _load_for_export(spec: Optional[str]):
         text = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
         loader = (AutoModelForCausalLM if _is_causal_lm(config) else
                   AutoModelForSequenceClassification if text else AutoModelForImageClassification)
-        model = loader.from_pretrained(path).eval()
+        try:
+            model = loader.from_pretrained(path).eval()
+        except (OSError, ValueError, KeyError) as error:
+            _fail(f"--model {spec} is not a HuggingFace image classifier, sequence classifier or causal LM folder "
+                  f"({type(error).__name__}: {_first_line(error)})")
     config = model.config
     if hasattr(config, "image_size"):
         size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
@@ -352,9 +399,53 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     if args.method not in METHODS:
         _fail(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
+    _check_paths(args)
     if args.command == "export":
         return export_model(args)
     (explain_images if args.image else explain_text)(args)
+
+
+def _check_paths(args) -> None:
+    """Flags that do not apply, and output/model paths that cannot work, before any model work."""
+    out = Path(args.out)
+    if args.command == "export":
+        _check_out_file(out, {"onnx": ".onnx", "torchscript": ".pt"}[args.format], f"--format {args.format}")
+    elif args.image:
+        if args.compare is not None:
+            _fail("--compare applies to --text only (it names the sentence whose similarity is explained)")
+        if Path(args.image).is_dir():
+            if out.exists() and not out.is_dir():
+                _fail(f"--out {out} is a file; a folder of images needs a folder for its heatmaps")
+        else:
+            _check_out_file(out, ".png", "an image")
+    else:
+        if args.compare is not None and args.target is not None:
+            _fail("--target does not apply with --compare (the similarity of two sentences has no classes)")
+        _check_out_file(out, ".html", "text")
+    if args.model is not None:
+        _check_not_exported(Path(args.model))
+
+
+def _check_out_file(out: Path, suffix: str, what: str) -> None:
+    if out.is_dir():
+        _fail(f"--out {out} is a folder; give a {suffix} file to write")
+    if out.suffix.lower() != suffix:
+        _fail(f"--out {out} must be a {suffix} file for {what}")
+    if not out.parent.is_dir():
+        _fail(f"--out {out}: the folder {out.parent} does not exist")
+
+
+def _check_not_exported(path: Path) -> None:
+    """An exported explainer (relfast export) is served, not explained again."""
+    import zipfile
+
+    exported = path.suffix.lower() == ".onnx"
+    if path.is_file() and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:  # TorchScript archives hold code/, torch.save ones data.pkl
+            exported = any("/code/" in name for name in archive.namelist())
+    if exported:
+        _fail(f"--model {path} is an exported explainer (relfast export); serve it with "
+              "relfast.runtime.OnnxExplainer or torch.jit.load, or give the checkpoint or folder it came from")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Every op takes a leading batch dimension, works on CPU (OpenMP C++) and CUDA (wh
 accepts float16/bfloat16/float32/float64 (half types accumulate in float32), any strides, and
 returns a new tensor in the input dtype. Arguments are validated before any kernel runs: a wrong
 rank, shape, dtype or device, or NaN/inf values, raise ``ValueError`` naming the argument. The
-definitions are in ``relfast.reference``; the math in ``SPEC.md``.
+definitions are in ``relfast.reference``; the math in ``docs/METHODS.md``.
 
 The wrappers are TorchScript-compatible; the ops work under ``torch.compile(fullgraph=True)`` and
 ``torch.export`` (the fake kernels below give their output shapes). They are not differentiable.

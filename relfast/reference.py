@@ -1,6 +1,6 @@
 """Plain-PyTorch definitions of every relfast op.
 
-These are the readable specification of what the fused kernels compute (see ``SPEC.md``), the
+These are the readable specification of what the fused kernels compute (see ``docs/METHODS.md``), the
 expected values of the tests (run in float64), and the decomposition used when a graph must not
 contain ``relfast::`` ops (e.g. ONNX export). Signatures match ``relfast.ops``. Unlike the kernels
 they do no argument validation and compute in the input dtype.

@@ -1,5 +1,5 @@
 """relfast.Explainer against a plain float64, one-sample-at-a-time implementation of the
-reference algorithm (SPEC.md): forward with the attention maps, autograd.grad of the target logit
+reference algorithm (docs/METHODS.md): forward with the attention maps, autograd.grad of the target logit
 with respect to them, then the method's rule layer by layer."""
 import pytest
 import torch

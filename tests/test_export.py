@@ -343,3 +343,16 @@ def test_runtime_refuses_a_non_finite_result(default_files):
     runtime.session_, runtime.session = runtime.session, Overflowing()
     with pytest.raises(ValueError, match="relevance overflowed to NaN or infinite"):
         runtime(GOOD)
+
+
+def test_torchscript_target_defaults_to_the_predicted_class(default_files):
+    script = torch.jit.load(str(default_files["script"]))
+    pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        left_out = script(pixels)
+        explicit = script(pixels, torch.full((3,), -1))
+    for a, b in zip(left_out, explicit):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(left_out[2], left_out[0].argmax(dim=-1))
+    with pytest.raises(torch.jit.Error, match="input 'target' holds class 7, out of range"):  # the documented type
+        script(pixels, torch.full((3,), 7))

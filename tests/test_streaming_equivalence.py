@@ -1,4 +1,4 @@
-"""SPEC.md's "fact to exploit": rows of R_L = (I + Ā_L) ··· (I + Ā_1) computed in backward order
+"""docs/METHODS.md's "how relfast computes it": rows of R_L = (I + Ā_L) ··· (I + Ā_1) computed in backward order
 with row_relevance_update equal the rows of the forward-order product from relevance_update."""
 import pytest
 import torch

@@ -70,13 +70,22 @@ def check_inputs(inputs: List[Tensor], names: List[str], dtypes: List[str], shap
                              "with {} classes [0, {}) (-1 = the predicted class)".format(bad, num_classes, num_classes))
 
 
+def predicted_when_none(target: Optional[Tensor], first_input: Tensor) -> Tensor:
+    """The scripted file's default target: -1 (the predicted class) for every sample."""
+    if target is None:
+        return torch.full([first_input.size(0)], -1, dtype=torch.long, device=first_input.device)
+    return target
+
+
 def to_torchscript(explainer: Explainer, example_inputs: Any, path: Union[str, Path], *, dynamic_batch: bool = True,
                    dynamic_sequence: Optional[bool] = None) -> Path:
     """Exports ``explainer`` (its model and method) to one TorchScript file.
 
-    ``forward(*model inputs, target)`` returns ``(logits, relevance, explained_target)`` as
+    ``forward(*model inputs, target=None)`` returns ``(logits, relevance, explained_target)`` as
     :func:`relfast.export.to_onnx` does; the target is an int64 (B,) tensor (-1 = the predicted
-    class). Inputs are validated in the scripted code (a ``ValueError`` naming the input).
+    class), or left out (every sample's predicted class). Inputs are validated in the scripted
+    code: the error reaches Python as ``torch.jit.Error`` whose message starts with the
+    ``ValueError`` naming the input (C++ sees a ``c10::Error``).
     The relfast ops stay ``relfast::`` calls (the fused kernels); the weights and the device are
     those of the model at export time. The input description is stored as the module's
     ``relfast_spec`` attribute (JSON string), and the parts C++ needs as ``relfast_input_names``,
@@ -88,8 +97,14 @@ def to_torchscript(explainer: Explainer, example_inputs: Any, path: Union[str, P
     spec = traced.spec
     nodes = graph.graph.find_nodes(op="placeholder")
     entries = spec["inputs"] + [spec["target"]]  # the placeholders' order: model inputs, then the target
-    with graph.graph.inserting_after(nodes[-1]):
-        graph.graph.call_function(check_inputs, (list(nodes), [e["name"] for e in entries],
+    # `target` may be left out (None): every sample's predicted class, as in the ONNX runtime.
+    target = nodes[-1]
+    target.type, target.args = Optional[Tensor], (None,)
+    with graph.graph.inserting_after(target):
+        resolved = graph.graph.call_function(predicted_when_none, (target, nodes[0]))
+    target.replace_all_uses_with(resolved, delete_user_cb=lambda user: user is not resolved)
+    with graph.graph.inserting_after(resolved):
+        graph.graph.call_function(check_inputs, (nodes[:-1] + [resolved], [e["name"] for e in entries],
                                                  [e["dtype"] for e in entries],
                                                  [_script_shape(e["shape"]) for e in entries], spec["num_classes"]))
     # The weights become buffers detached from the user's parameters: the backward is explicit ops
