@@ -24,9 +24,11 @@ def main(out_dir="out"):
     predicted = logits.argmax(-1)
     other = (predicted + 1) % len(CLASSES)
     explanation = relfast.Explainer(model)(normalize(images), target=torch.stack([predicted, other], dim=1))
-    maps = explanation.image_map(upsample=True)  # (4, 2, 64, 64)
+    maps = explanation.image_map(upsample=True, normalize=False)  # (4, 2, 64, 64), one colour scale per image
     for i in range(len(images)):
-        titles = [f"{CLASSES[int(predicted[i])]} (predicted)", CLASSES[int(other[i])]]
+        scores = explanation.logits[i]
+        titles = [f"{CLASSES[int(predicted[i])]} (predicted, logit {float(scores[predicted[i]]):.1f})",
+                  f"{CLASSES[int(other[i])]} (logit {float(scores[other[i]]):.1f})"]
         path = relfast.viz.save_side_by_side(images[i], [maps[i, 0], maps[i, 1]], titles, out / f"shapes_{i}.png")
         print(f"{path}: true class {CLASSES[int(labels[i])]}, predicted {CLASSES[int(predicted[i])]}")
 

@@ -34,11 +34,11 @@ def main(out_dir="out"):
     error = np.abs(relevance - eager.relevance.numpy()).max() / np.abs(eager.relevance.numpy()).max()
     print(f"ONNX Runtime ({', '.join(session.providers)}) vs eager PyTorch: max relative error of the relevance "
           f"{error:.1e}")
-    # the served (4, 8, 8) patch maps, upsampled and min-max normalised as Explanation.image_map does
-    maps = explainer.layout.to_pixels(torch.from_numpy(session.image_map(relevance)))
+    # the served (4, 8, 8) patch maps, upsampled as Explanation.image_map does
+    maps = explainer.layout.to_pixels(torch.from_numpy(session.image_map(relevance)), normalize=False)
     for i in range(len(images)):
         predicted = CLASSES[int(logits[i].argmax())]
-        target = relfast.viz.save_overlay(images[i], maps[i], out / f"served_{i}.png")
+        target = relfast.viz.save_side_by_side(images[i], [maps[i]], [f"served: {predicted}"], out / f"served_{i}.png")
         print(f"{target}: true class {CLASSES[int(labels[i])]}, served prediction {predicted}")
 
 

@@ -142,13 +142,13 @@ def explain_images(args) -> None:
                        "(the aspect is not kept)")
         explanation = explainer(normalize(image)[None], target=[targets] if targets and len(targets) > 1 else
                                 (targets[0] if targets else None))
-        maps = explanation.image_map(upsample=True)[0]
+        # one colour scale for the classes of an image (not min-max per map), with the logit shown
+        maps = explanation.image_map(upsample=True, normalize=False)[0]
         chosen = explanation.target[0].view(-1).tolist()
         destination = out / f"{path.stem}.png" if source.is_dir() else out
-        if maps.dim() == 3:
-            relfast.viz.save_side_by_side(image, list(maps), [names[c] for c in chosen], destination)
-        else:
-            relfast.viz.save_overlay(image, maps, destination)
+        logits = explanation.logits[0]
+        titles = [f"{names[c]} (logit {float(logits[c]):.2f})" for c in chosen]
+        relfast.viz.save_side_by_side(image, list(maps.reshape(-1, *maps.shape[-2:])), titles, destination)
         if not args.quiet:
             predicted = names[int(explanation.logits[0].argmax())]
             tqdm.write(f"{path} -> {destination} (predicted {predicted}; explained {', '.join(names[c] for c in chosen)})")

@@ -35,7 +35,10 @@ def _image_hwc(image: ArrayLike) -> np.ndarray:
     return (img - low) / (high - low) if high > low else np.zeros_like(img)
 
 
-def _normalised_map(heatmap: ArrayLike, shape) -> np.ndarray:
+DEFAULT_CMAP = "inferno"  # perceptually ordered: the hottest area reads as hottest on any object colour
+
+
+def _resized_map(heatmap: ArrayLike, shape) -> np.ndarray:
     heat = _numpy(heatmap)
     if heat.ndim != 2:
         raise ValueError(f"relfast.viz: argument 'heatmap' must be a 2-D map, got shape {heat.shape}")
@@ -43,24 +46,31 @@ def _normalised_map(heatmap: ArrayLike, shape) -> np.ndarray:
         resized = torch.nn.functional.interpolate(torch.from_numpy(heat)[None, None], size=tuple(shape),
                                                   mode="bilinear", align_corners=False)
         heat = resized[0, 0].numpy()
-    low, high = heat.min(), heat.max()
-    return (heat - low) / (high - low) if high > low else np.zeros_like(heat)
+    return heat
 
 
-def overlay(image: ArrayLike, heatmap: ArrayLike, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
-    """The heatmap (min-max normalised, resized to the image) coloured with a matplotlib colormap
-    and blended over the image: (H, W, 3) float in [0, 1]."""
+def _scaled(heat: np.ndarray, value_range: Optional[Sequence[float]]) -> np.ndarray:
+    """``heat`` mapped to [0, 1] by ``value_range`` (low, high), or by its own min and max."""
+    low, high = (heat.min(), heat.max()) if value_range is None else value_range
+    return np.clip((heat - low) / (high - low), 0, 1) if high > low else np.zeros_like(heat)
+
+
+def overlay(image: ArrayLike, heatmap: ArrayLike, alpha: float = 0.5, cmap: str = DEFAULT_CMAP,
+            value_range: Optional[Sequence[float]] = None) -> np.ndarray:
+    """The heatmap (resized to the image, scaled to [0, 1] by ``value_range`` or else by its own
+    min and max) coloured with a matplotlib colormap and blended over the image: (H, W, 3) in [0, 1]."""
     from matplotlib import colormaps
 
     img = _image_hwc(image)
-    heat = _normalised_map(heatmap, img.shape[:2])
+    heat = _scaled(_resized_map(heatmap, img.shape[:2]), value_range)
     coloured = colormaps[cmap](heat)[..., :3]
     return (1 - alpha) * img + alpha * coloured
 
 
 def save_overlay(image: ArrayLike, heatmap: ArrayLike, path: Union[str, Path], alpha: float = 0.5,
-                 cmap: str = "jet") -> Path:
-    """Writes :func:`overlay` as a PNG; returns the path."""
+                 cmap: str = DEFAULT_CMAP) -> Path:
+    """Writes :func:`overlay` alone as a PNG of the image's size (for pipelines; for a person,
+    :func:`save_side_by_side` adds the input, a title and a colour bar); returns the path."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
@@ -69,25 +79,41 @@ def save_overlay(image: ArrayLike, heatmap: ArrayLike, path: Union[str, Path], a
 
 
 def save_side_by_side(image: ArrayLike, heatmaps: Sequence[ArrayLike], titles: Sequence[str], path: Union[str, Path],
-                      alpha: float = 0.5, cmap: str = "jet") -> Path:
+                      alpha: float = 0.5, cmap: str = DEFAULT_CMAP, shared_scale: bool = True) -> Path:
     """The input image next to one overlay per heatmap (e.g. two classes, as in the papers'
-    figures), as one PNG."""
+    figures), with a colour bar, as one PNG.
+
+    ``shared_scale``: one colour scale for all maps (their joint min and max), so a class the
+    model barely sees does not look as hot as the predicted one; False scales each map alone.
+    A map that is constant (e.g. all zero) is drawn flat and says so in its title.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib import cm, colors
 
     if len(heatmaps) != len(titles):
         raise ValueError(f"relfast.viz: {len(heatmaps)} heatmaps but {len(titles)} titles")
-    figure, axes = plt.subplots(1, len(heatmaps) + 1, figsize=(3 * (len(heatmaps) + 1), 3.2))
-    axes[0].imshow(_image_hwc(image))
+    img = _image_hwc(image)
+    maps = [_resized_map(h, img.shape[:2]) for h in heatmaps]
+    joint = (min(m.min() for m in maps), max(m.max() for m in maps)) if shared_scale and maps else None
+    panels = len(maps) + 1
+    figure = plt.figure(figsize=(2.8 * panels + 0.9, 3.4), layout="constrained")  # room for titles and the bar
+    axes = figure.subplots(1, panels)
+    axes[0].imshow(img)
     axes[0].set_title("input")
-    for axis, heat, title in zip(axes[1:], heatmaps, titles):
-        axis.imshow(np.clip(overlay(image, heat, alpha, cmap), 0, 1))
-        axis.set_title(title)
+    for axis, heat, title in zip(axes[1:], maps, titles):
+        scale = joint if joint is not None else (heat.min(), heat.max())
+        axis.imshow(np.clip(overlay(img, heat, alpha, cmap, scale), 0, 1))
+        flat = heat.max() == heat.min()
+        axis.set_title(f"{title}\n(flat map: {heat.max():.3g} everywhere)" if flat else title, fontsize=10)
     for axis in axes:
         axis.axis("off")
-    figure.tight_layout()
+    low, high = joint if joint is not None else (0.0, 1.0)
+    bar = figure.colorbar(cm.ScalarMappable(colors.Normalize(low, high if high > low else low + 1), cmap), ax=axes[1:],
+                          shrink=0.8, pad=0.02)
+    bar.set_label("relevance" if joint is not None else "relevance (each map scaled alone)")
     path = Path(path)
     figure.savefig(path, dpi=100)
     plt.close(figure)

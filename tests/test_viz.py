@@ -58,3 +58,24 @@ def test_explanation_to_png_end_to_end(tmp_path):
 def test_bad_input(call, words):
     with pytest.raises(ValueError, match=words):
         call()
+
+
+def test_a_value_range_puts_maps_on_one_colour_scale():
+    image = torch.rand(3, 16, 16)
+    strong = torch.linspace(0, 1, 16).expand(16, 16)
+    weak = strong * 0.25
+    cmap = colormaps[viz.DEFAULT_CMAP]
+    alone = viz.overlay(image, weak, alpha=1.0)  # scaled alone: as hot as the strong map
+    np.testing.assert_allclose(alone, viz.overlay(image, strong, alpha=1.0), atol=1e-6)
+    shared = viz.overlay(image, weak, alpha=1.0, value_range=(0.0, 1.0))
+    np.testing.assert_allclose(shared[0, -1], cmap(0.25)[:3], atol=1e-6)  # its hottest pixel is a quarter up the scale
+
+
+def test_side_by_side_with_a_flat_map_and_per_map_scales(tmp_path):
+    image = np.random.rand(32, 32, 3)
+    shared = viz.save_side_by_side(image, [np.zeros((4, 4)), np.random.rand(4, 4)], ["zero", "b"], tmp_path / "s.png")
+    alone = viz.save_side_by_side(image, [np.zeros((4, 4)), np.random.rand(4, 4)], ["zero", "b"], tmp_path / "a.png",
+                                  shared_scale=False)
+    for path in (shared, alone):
+        picture = plt.imread(path)
+        assert picture.shape[1] > 3 * picture.shape[0] * 0.9  # input, two panels and the colour bar side by side

@@ -38,15 +38,16 @@ class Explanation:
     layout: TokenLayout
     full_matrix: bool = False
 
-    def image_map(self, upsample: bool = False) -> Tensor:
+    def image_map(self, upsample: bool = False, normalize: bool = True) -> Tensor:
         """Vision models: the patch map (B[, K], h_p, w_p), prefix tokens dropped. With
         ``upsample=True``: bilinear upsampling by the patch size (align_corners=False) to pixels,
-        then min-max normalisation of each map to [0, 1], as the reference code does."""
+        then (``normalize=True``) min-max normalisation of each map to [0, 1], as the reference
+        code does; ``normalize=False`` keeps the relevance values (to compare maps on one scale)."""
         if self.full_matrix:
             raise ValueError("relfast.Explanation.image_map: this explanation holds all rows of R (full_matrix=True); "
                              "a patch map is one row: use relevance[:, row] or explain with full_matrix=False")
         grid = self.layout.to_grid(self.relevance)
-        return self.layout.to_pixels(grid) if upsample else grid
+        return self.layout.to_pixels(grid, normalize) if upsample else grid
 
 
 class Explainer:

@@ -80,9 +80,9 @@ class TokenLayout:
                              f"row, full_matrix=False); got relevance of shape {tuple(relevance.shape)}")
         return relevance[..., self.prefix_tokens:].reshape(*relevance.shape[:-1], *self.patch_grid)
 
-    def to_pixels(self, grid_maps: Tensor) -> Tensor:
+    def to_pixels(self, grid_maps: Tensor, normalize: bool = True) -> Tensor:
         """(..., h_p, w_p) -> (..., H, W): bilinear upsampling by the patch size (align_corners=False),
-        as the reference code does, then each map min-max normalised to [0, 1]."""
+        as the reference code does, then (``normalize``) each map min-max normalised to [0, 1]."""
         if self.patch_size is None:
             raise ValueError("relfast: upsampling needs the layout's 'patch_size'")
         lead = grid_maps.shape[:-2]
@@ -91,7 +91,7 @@ class TokenLayout:
             maps = F.interpolate(maps, scale_factor=self.patch_size, mode="bilinear", align_corners=False)
         else:
             maps = maps.new_zeros(0, 1, grid_maps.shape[-2] * self.patch_size[0], grid_maps.shape[-1] * self.patch_size[1])
-        return min_max(maps).reshape(*lead, *maps.shape[-2:])
+        return (min_max(maps) if normalize else maps).reshape(*lead, *maps.shape[-2:])
 
 
 def min_max(maps: Tensor) -> Tensor:
