@@ -189,19 +189,14 @@ def explain_text(args) -> None:
 
 
 def explain_text_classifier(args) -> None:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     import relfast
 
     if not Path(args.model).is_dir():
         _fail(f"--model {args.model}: with --text, give a folder holding a HuggingFace sequence classifier "
               "or causal LM and its tokenizer (save_pretrained)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForSequenceClassification.from_pretrained(args.model).eval()
-    except (OSError, ValueError, KeyError) as error:
-        _fail(f"--model {args.model} is not a HuggingFace sequence classifier or causal LM folder with its tokenizer "
-              f"({type(error).__name__}: {_first_line(error)})")
+    tokenizer, model = _load_text_model(args.model, AutoModelForSequenceClassification)
     targets = _targets(args.target, model.config.num_labels)
     inputs = tokenizer([args.text], return_tensors="pt")
     try:
@@ -222,6 +217,17 @@ def explain_text_classifier(args) -> None:
               f"explained {', '.join(labels)})")
 
 
+def _load_text_model(folder: str, loader):
+    """(tokenizer, model in eval mode) from a save_pretrained folder, or one clear error."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder), loader.from_pretrained(folder).eval()
+    except (OSError, ValueError, KeyError) as error:
+        _fail(f"--model {folder} is not a HuggingFace sequence classifier or causal LM folder with its tokenizer "
+              f"({type(error).__name__}: {_first_line(error)})")
+
+
 def _quoted(tokenizer, token_id: int) -> str:
     """A token as text, quoted and escaped so that spaces and newlines show (" the", "\\n")."""
     return json.dumps(tokenizer.decode([token_id]), ensure_ascii=False)
@@ -229,16 +235,11 @@ def _quoted(tokenizer, token_id: int) -> str:
 
 def explain_causal_lm(args) -> None:
     """Which prompt tokens drove the next token: one heatmap row per explained token."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     import relfast
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    except (OSError, ValueError, KeyError) as error:
-        _fail(f"--model {args.model}: cannot load the causal LM and its tokenizer ({type(error).__name__}: "
-              f"{_first_line(error)})")
+    tokenizer, model = _load_text_model(args.model, AutoModelForCausalLM)
     targets = _targets(args.target, model.config.vocab_size, tokens=True)
     inputs = tokenizer([args.text], return_tensors="pt")
     if inputs["input_ids"].shape[1] == 0:

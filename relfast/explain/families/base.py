@@ -255,6 +255,12 @@ class HFFamily(Family):
     def attention_sites(self):
         return getattr(self.model.config, "num_hidden_layers", None)
 
+    def check_values(self, call: ModelCall) -> None:
+        super().check_values(call)
+        if "input_ids" in call.kwargs:  # text: ids in the vocabulary, no longer than learned positions
+            check_token_ids(call.kwargs["input_ids"], getattr(self.model.config, "vocab_size", None),
+                            self.max_positions())
+
 
 def is_instance(model: torch.nn.Module, module_name: str, class_name: str) -> bool:
     """isinstance against a class of an optional library (False when it is not installed)."""

@@ -8,7 +8,7 @@ as ``generate`` computes them, so a padded sample is explained as it is alone.
 import torch
 
 from ..layout import TokenLayout
-from .base import TEXT_KEYS, HFFamily, ModelCall, check_token_ids, register, text_inputs
+from .base import TEXT_KEYS, HFFamily, ModelCall, register, text_inputs
 
 _NAMES = frozenset({"GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"})
 
@@ -39,7 +39,6 @@ class HFCausalLM(HFFamily):
 
     def check_values(self, call):
         super().check_values(call)
-        check_token_ids(call.kwargs["input_ids"], self.model.config.vocab_size, self.max_positions())
         if call.token_mask is not None and not bool(call.token_mask.any(dim=1).all()):
             raise ValueError("relfast.Explainer: argument 'inputs' holds a sample whose attention_mask is all zeros; "
                              "every sample needs at least one real token")
