@@ -25,8 +25,9 @@ import argparse
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 
@@ -75,9 +76,19 @@ def _read_image(path: Path, size: int):
     return resized, original
 
 
-def _targets(spec: Optional[str], num_classes: int, tokens: bool = False) -> Optional[List[int]]:
-    """``--target`` as indices checked against the model's outputs (``tokens``: a causal LM's
-    vocabulary) before any model work."""
+@contextmanager
+def _as_cli_error(prefix: str = "", errors=(ValueError,)):
+    """relfast's own ValueErrors (a bad input, a text too long, ...) as one line and exit code 2."""
+    try:
+        yield
+    except errors as error:
+        _fail(prefix + (str(error) if not prefix else _first_line(error)))
+
+
+def _targets(spec: Optional[str], num_classes: int, tokens: bool = False) -> Union[None, int, List[int]]:
+    """``--target`` as the Explainer's ``target`` argument (one class, or K classes for the sample:
+    one map each), checked against the model's outputs (``tokens``: a causal LM's vocabulary)
+    before any model work."""
     if spec is None:
         return None
     try:
@@ -87,12 +98,10 @@ def _targets(spec: Optional[str], num_classes: int, tokens: bool = False) -> Opt
               f"got {spec!r}")
     from relfast.explain.targets import check_class_range
 
-    try:
+    with _as_cli_error():
         check_class_range(torch.tensor(values), num_classes, where="--target", what="the list",
                           unit="token" if tokens else "class")
-    except ValueError as error:
-        _fail(str(error))
-    return values
+    return values[0] if len(values) == 1 else values
 
 
 def _hf_config(path):
@@ -128,10 +137,8 @@ def explain_images(args) -> None:
     size, classes = model.config.image_size, model.config.num_labels
     names = list(relfast.data.CLASSES) if args.model is None else [str(c) for c in range(classes)]
     targets = _targets(args.target, classes)
-    try:
+    with _as_cli_error():
         explainer = relfast.Explainer(model, args.method)
-    except ValueError as error:
-        _fail(str(error))
     out = Path(args.out)
     if source.is_dir():
         out.mkdir(parents=True, exist_ok=True)
@@ -140,8 +147,7 @@ def explain_images(args) -> None:
         if original != (size, size) and not args.quiet:
             tqdm.write(f"note: {path} is {original[1]}x{original[0]} px; resized to the model's {size}x{size} "
                        "(the aspect is not kept)")
-        explanation = explainer(normalize(image)[None], target=[targets] if targets and len(targets) > 1 else
-                                (targets[0] if targets else None))
+        explanation = explainer(normalize(image)[None], target=targets)
         # one colour scale for the classes of an image (not min-max per map), with the logit shown
         maps = explanation.image_map(upsample=True, normalize=False)[0]
         chosen = explanation.target[0].view(-1).tolist()
@@ -175,11 +181,10 @@ def explain_text(args) -> None:
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
     explained = tokenizer([args.text], return_tensors="pt")
     other = tokenizer([args.compare], return_tensors="pt")
-    try:
+    # IndexError: a --compare text longer than the model's 512 positions fails inside the model
+    with _as_cli_error("--text: ", (ValueError, IndexError)):
         target = relfast.explain.mean_pooled_cosine(model, explained, other)
         out = relfast.Explainer(model, args.method)(explained, target=target)
-    except (ValueError, IndexError) as error:  # e.g. a text longer than the model's 512 positions
-        _fail(f"--text: {_first_line(error)}")
     tokens = tokenizer.convert_ids_to_tokens(explained["input_ids"][0])
     keep = [i for i, t in enumerate(tokens) if t not in tokenizer.all_special_tokens]
     relfast.viz.save_text_html([([tokens[i] for i in keep], out.relevance[0, keep], f"similar to: {args.compare}")],
@@ -199,12 +204,8 @@ def explain_text_classifier(args) -> None:
     tokenizer, model = _load_text_model(args.model, AutoModelForSequenceClassification)
     targets = _targets(args.target, model.config.num_labels)
     inputs = tokenizer([args.text], return_tensors="pt")
-    try:
-        explainer = relfast.Explainer(model, args.method)
-        # several --target classes: one heatmap row each, from one forward
-        out = explainer(inputs, target=None if not targets else targets[0] if len(targets) == 1 else targets)
-    except ValueError as error:
-        _fail(str(error))
+    with _as_cli_error():  # several --target classes: one heatmap row each, from one forward
+        out = relfast.Explainer(model, args.method)(inputs, target=targets)
     tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
     keep = [i for i, t in enumerate(tokens) if t not in tokenizer.all_special_tokens]
     explained = out.target[0].view(-1).tolist()
@@ -244,11 +245,8 @@ def explain_causal_lm(args) -> None:
     inputs = tokenizer([args.text], return_tensors="pt")
     if inputs["input_ids"].shape[1] == 0:
         _fail(f"--text {args.text!r} holds no tokens for this tokenizer; there is nothing to explain")
-    target = None if not targets else targets[0] if len(targets) == 1 else targets  # K targets: one row each
-    try:
-        out = relfast.Explainer(model, args.method)(inputs, target=target)
-    except ValueError as error:
-        _fail(str(error))
+    with _as_cli_error():  # several --target tokens: one heatmap row each
+        out = relfast.Explainer(model, args.method)(inputs, target=targets)
     ids = inputs["input_ids"][0].tolist()
     # Special tokens the tokenizer added (BOS, ...) are not shown, as for classifiers; unknown words are.
     special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
@@ -324,10 +322,8 @@ def export_model(args) -> None:
     import relfast.export
 
     model, example, make_inputs = _load_for_export(args.model)
-    try:
+    with _as_cli_error():
         explainer = relfast.Explainer(model, args.method)
-    except ValueError as error:
-        _fail(str(error))
     start = time.perf_counter()
     if args.format == "onnx":
         path = relfast.export.to_onnx(explainer, example, args.out)

@@ -86,11 +86,8 @@ class TokenLayout:
         if self.patch_size is None:
             raise ValueError("relfast: upsampling needs the layout's 'patch_size'")
         lead = grid_maps.shape[:-2]
-        maps = grid_maps.reshape(-1, 1, *grid_maps.shape[-2:])
-        if maps.shape[0] > 0:
-            maps = F.interpolate(maps, scale_factor=self.patch_size, mode="bilinear", align_corners=False)
-        else:
-            maps = maps.new_zeros(0, 1, grid_maps.shape[-2] * self.patch_size[0], grid_maps.shape[-1] * self.patch_size[1])
+        maps = F.interpolate(grid_maps.reshape(-1, 1, *grid_maps.shape[-2:]), scale_factor=self.patch_size,
+                             mode="bilinear", align_corners=False)
         return (min_max(maps) if normalize else maps).reshape(*lead, *maps.shape[-2:])
 
 

@@ -7,6 +7,7 @@ Nothing about the model is changed: no attention switch, no flag, no hook, no ``
 (the capture hands parameters to the ops detached). What the call needs lives in the session,
 so one ``Explainer`` can serve several threads at once.
 """
+import dataclasses
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -43,9 +44,6 @@ class Session:
         with torch.enable_grad() if gradients else torch.no_grad():
             if gradients:
                 call = _graph_inputs(call)
-            if call.num_tokens is not None:
-                call.rows = self.family.layout.explained_rows(call.batch, call.token_mask, call.num_tokens,
-                                                              _device(call))
             capture = AttentionCapture(softmax=self.family.softmax_capture and kind == "sdpa",
                                        explicit=self.traced)
             with capture:
@@ -58,8 +56,7 @@ class Session:
                                      "with one attention implementation")
                 records = [ProbabilityRecord(a) for a in attentions or () if a is not None]
             num_tokens = self._check_records(records, call)
-            if call.rows is None:
-                call.rows = self.family.layout.explained_rows(call.batch, call.token_mask, num_tokens, _device(call))
+            call.rows = self.family.layout.explained_rows(call.batch, call.token_mask, num_tokens, _device(call))
             scores = self.family.scores(output, call)
             if not self.traced:
                 _check_finite_scores(scores)
@@ -135,5 +132,5 @@ def _graph_inputs(call: ModelCall) -> ModelCall:
             return value.detach().requires_grad_()
         return value
 
-    return ModelCall({k: leaf(v) for k, v in call.kwargs.items()}, call.batch, call.num_tokens, call.token_mask,
-                     tuple(leaf(a) for a in call.args), call.rows)
+    return dataclasses.replace(call, kwargs={k: leaf(v) for k, v in call.kwargs.items()},
+                               args=tuple(leaf(a) for a in call.args))

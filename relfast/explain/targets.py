@@ -35,10 +35,6 @@ class Targets:
         return Targets(fixed=fixed)
 
     @property
-    def is_callable(self) -> bool:
-        return self.function is not None
-
-    @property
     def count(self) -> int:
         """Targets per sample (K): 1 unless a (.., K) form was given."""
         return 1 if self.fixed is None or self.fixed.dim() < 2 else self.fixed.shape[1]
@@ -50,7 +46,7 @@ class Targets:
     def check_batch(self, batch: int, where: str = "relfast.Explainer") -> None:
         if self.fixed is not None and self.fixed.dim() >= 1 and self.fixed.shape[0] not in (1, batch):
             raise ValueError(f"{where}: argument 'target' holds {self.fixed.shape[0]} rows but the batch has "
-                                 f"{batch} samples")
+                             f"{batch} samples")
 
     def resolve(self, scores: Tensor) -> Optional[Tensor]:
         """The classes explained: (B,) or (B, K) int64, or None for a callable target."""

@@ -84,8 +84,8 @@ def to_torchscript(explainer: Explainer, example_inputs: Any, path: Union[str, P
     ``forward(*model inputs, target=None)`` returns ``(logits, relevance, explained_target)`` as
     :func:`relfast.export.to_onnx` does; the target is an int64 (B,) tensor (-1 = the predicted
     class), or left out (every sample's predicted class). Inputs are validated in the scripted
-    code: the error reaches Python as ``torch.jit.Error`` whose message starts with the
-    ``ValueError`` naming the input (C++ sees a ``c10::Error``).
+    code: the error reaches Python as ``torch.jit.Error`` whose last line is relfast's message
+    naming the input (C++ sees a ``c10::Error``).
     The relfast ops stay ``relfast::`` calls (the fused kernels); the weights and the device are
     those of the model at export time. The input description is stored as the module's
     ``relfast_spec`` attribute (JSON string), and the parts C++ needs as ``relfast_input_names``,

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .records import AttentionRecord, ProbabilityRecord, SdpaRecord, attention_bias, attention_probabilities, \
-    expand_groups
+from .records import (AttentionRecord, ProbabilityRecord, SdpaRecord, attention_probabilities, expand_groups,
+                      group_size)
 
 _SOFTMAX = {torch.softmax, F.softmax, torch.Tensor.softmax, torch.special.softmax}
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
@@ -75,11 +75,10 @@ class AttentionCapture(TorchFunctionMode):
             raise ValueError(f"relfast: scaled_dot_product_attention with a query of shape {tuple(query.shape)}; "
                              "expected (..., heads, tokens, dim)")
         if self.explicit:
-            bias = attention_bias(attn_mask, is_causal, query.shape[-2], key.shape[-2], query.dtype, query.device)
-            key, value = expand_groups(query, key, value, enable_gqa)
-            probabilities = attention_probabilities(query, key, bias, scale)
+            repeats = group_size(query, key, enable_gqa)
+            probabilities = attention_probabilities(query, expand_groups(key, repeats), attn_mask, is_causal, scale)
             self.records.append(ProbabilityRecord(probabilities))
-            return torch.matmul(probabilities, value)
+            return torch.matmul(probabilities, expand_groups(value, repeats))
         record = SdpaRecord(query, key, value, attn_mask, is_causal, scale, enable_gqa)
         self.records.append(record)
         return record.run(query, key, value, attn_mask)

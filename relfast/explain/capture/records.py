@@ -79,27 +79,38 @@ def attention_bias(attn_mask: Optional[Tensor], is_causal: bool, n_q: int, n_k: 
     return bias
 
 
-def attention_probabilities(query: Tensor, key: Tensor, bias: Optional[Tensor], scale: Optional[float]) -> Tensor:
-    """softmax(q·kᵀ·scale + bias) over the keys; half types accumulate in float32."""
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+def sdpa_scale(query: Tensor, scale: Optional[float]) -> float:
+    """SDPA's scale: the given one, or 1/sqrt(head dim)."""
+    return 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+
+
+def attention_probabilities(query: Tensor, key: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+                            scale: Optional[float]) -> Tensor:
+    """What SDPA computes before multiplying by V: softmax(q·kᵀ·scale + mask) over the keys (key
+    heads already matching the query heads); half types accumulate in float32."""
+    bias = attention_bias(attn_mask, is_causal, query.shape[-2], key.shape[-2], query.dtype, query.device)
     compute = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
-    scores = torch.matmul(query.to(compute), key.to(compute).transpose(-2, -1)) * scale
+    scores = torch.matmul(query.to(compute), key.to(compute).transpose(-2, -1)) * sdpa_scale(query, scale)
     if bias is not None:
         scores = (scores + bias.to(compute)).clamp_min(torch.finfo(compute).min)
     return torch.softmax(scores, dim=-1).to(query.dtype)
 
 
-def expand_groups(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> Tuple[Tensor, Tensor]:
-    """Grouped-query attention: key/value heads repeated to the query heads (each key/value head
-    serves ``H_q / H_kv`` consecutive query heads, as SDPA's ``enable_gqa`` defines it)."""
+def group_size(query: Tensor, key: Tensor, enable_gqa: bool) -> int:
+    """Grouped-query attention: how many consecutive query heads each key/value head serves (as
+    SDPA's ``enable_gqa`` defines it); 1 without grouping."""
     heads, kv_heads = query.shape[-3], key.shape[-3]
     if heads == kv_heads:
-        return key, value
+        return 1
     if not enable_gqa or heads % kv_heads:
         raise ValueError(f"relfast: scaled_dot_product_attention got {heads} query heads and {kv_heads} key/value "
                          "heads without enable_gqa (or not a multiple)")
-    repeats = heads // kv_heads
-    return key.repeat_interleave(repeats, dim=-3), value.repeat_interleave(repeats, dim=-3)
+    return heads // kv_heads
+
+
+def expand_groups(tensor: Tensor, repeats: int) -> Tensor:
+    """Key/value heads repeated to the query heads."""
+    return tensor if repeats == 1 else tensor.repeat_interleave(repeats, dim=-3)
 
 
 class SdpaRecord(AttentionRecord):
@@ -111,14 +122,13 @@ class SdpaRecord(AttentionRecord):
 
     def __init__(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
                  scale: Optional[float], enable_gqa: bool):
-        self._query = query.detach()
-        self._key_heads, self._value_heads = key.detach(), value.detach()  # as given (grouped heads)
-        self._key, self._value = (t.detach() for t in expand_groups(query, key, value, enable_gqa))
+        # q, k, v as given (grouped key/value heads are expanded only while a layer is worked on)
+        self._query, self._key_heads, self._value_heads = query.detach(), key.detach(), value.detach()
+        self._repeats = group_size(query, key, enable_gqa)
         self._mask = None if attn_mask is None else attn_mask.detach()
         self._is_causal, self._scale, self._enable_gqa = is_causal, scale, enable_gqa
-        self._scale_value = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-        batch = torch.broadcast_shapes(query.shape[:-2], self._key.shape[:-2])
-        self._shape = (*batch, query.shape[-2], self._key.shape[-2])
+        batch = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3])
+        self._shape = (*batch, query.shape[-3], query.shape[-2], key.shape[-2])
         self._shared = {}  # A and ∇A of the backward in progress, from the method to the backward
 
     @property
@@ -139,13 +149,14 @@ class SdpaRecord(AttentionRecord):
 
     def probabilities(self) -> Tensor:
         if "A" not in self._shared:
-            q, k = self._query, self._key
-            bias = attention_bias(self._mask, self._is_causal, q.shape[-2], k.shape[-2], q.dtype, q.device)
-            self._shared["A"] = attention_probabilities(q, k, bias, self._scale).expand(self._shape)
+            keys = expand_groups(self._key_heads, self._repeats)
+            self._shared["A"] = attention_probabilities(self._query, keys, self._mask, self._is_causal,
+                                                        self._scale).expand(self._shape)
         return self._shared["A"]
 
     def attention_gradient(self, source_grad: Tensor) -> Tensor:
-        self._shared["dA"] = torch.matmul(source_grad, self._value.transpose(-2, -1)).expand(self._shape)
+        values = expand_groups(self._value_heads, self._repeats)
+        self._shared["dA"] = torch.matmul(source_grad, values.transpose(-2, -1)).expand(self._shape)
         return self._shared["dA"]
 
     def input_gradients(self, output_grad: Tensor, needs: Tuple[bool, ...]):
@@ -161,10 +172,12 @@ class SdpaRecord(AttentionRecord):
         scores_grad = grad_attention.contiguous().mul_(probabilities)
         scores_grad.addcmul_(probabilities, scores_grad.sum(-1, keepdim=True), value=-1)
         q_grad = k_grad = v_grad = mask_grad = None
+        scale = sdpa_scale(self._query, self._scale)
         if needs[0]:
-            q_grad = torch.matmul(scores_grad, self._key).mul_(self._scale_value).sum_to_size(self._query.shape)
+            keys = expand_groups(self._key_heads, self._repeats)
+            q_grad = torch.matmul(scores_grad, keys).mul_(scale).sum_to_size(self._query.shape)
         if needs[1]:
-            k_grad = _fold_groups(torch.matmul(scores_grad.transpose(-2, -1), self._query).mul_(self._scale_value),
+            k_grad = _fold_groups(torch.matmul(scores_grad.transpose(-2, -1), self._query).mul_(scale),
                                   self._key_heads.shape)
         if needs[2]:
             v_grad = _fold_groups(torch.matmul(probabilities.transpose(-2, -1), output_grad), self._value_heads.shape)

@@ -38,7 +38,7 @@ class ModelCall:
     num_tokens: Optional[int] = None
     token_mask: Optional[Tensor] = None
     args: Tuple[Any, ...] = ()
-    rows: Optional[Tensor] = field(default=None, repr=False)  # (B,) explained tokens, set by the engine
+    rows: Optional[Tensor] = field(default=None, repr=False)  # (B,) explained tokens, set after the forward
 
 
 class Family:

@@ -11,12 +11,13 @@ class AttnGradCAM(Method):
 
     def relevance(self, run: Run) -> torch.Tensor:
         last = len(run.records) - 1
-        results = []
-        for k in range(run.num_targets):
+
+        def one_target(k: int, retain_graph: bool) -> torch.Tensor:
             grads = {}
-            run.attention_gradients(k, [last], grads.__setitem__, retain_graph=k + 1 < run.num_targets)
-            results.append(self._map(run, grads[last], run.records[last].probabilities()))
-        return torch.stack(results, dim=1) if run.targets.per_sample_k else results[0]
+            run.attention_gradients(k, [last], grads.__setitem__, retain_graph)
+            return self._map(run, grads[last], run.records[last].probabilities())
+
+        return run.for_each_target(one_target)
 
     @staticmethod
     def _map(run: Run, grad: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:

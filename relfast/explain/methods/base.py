@@ -80,6 +80,13 @@ class Run:
                              "explained output on its way to the first site; relfast explains models whose attention "
                              "sites form one chain (each layer feeds the next)")
 
+    def for_each_target(self, explain: Callable[[int, bool], Tensor]) -> Tensor:
+        """``explain(k, retain_graph)`` for each of the K targets over the one forward (the graph
+        kept for all but the last): its result, or the results stacked as (B, K, ...)."""
+        k = self.num_targets
+        results = [explain(i, i + 1 < k) for i in range(k)]
+        return torch.stack(results, dim=1) if self.targets.per_sample_k else results[0]
+
     def gather_rows(self, matrix: Tensor) -> Tensor:
         """(B, N, M) -> (B, M): each sample's explained row."""
         return matrix[torch.arange(matrix.shape[0], device=matrix.device), self.rows.to(matrix.device)]

@@ -29,9 +29,7 @@ class Generic(Method):
         return rows
 
     def relevance(self, run: Run) -> torch.Tensor:
-        sites = range(len(run.records))
-        results = []
-        for k in range(run.num_targets):
+        def one_target(k: int, retain_graph: bool) -> torch.Tensor:
             state = {}
 
             def update(site: int, grad: torch.Tensor) -> None:
@@ -39,7 +37,7 @@ class Generic(Method):
                 rows = state["rows"] if "rows" in state else self.initial_rows(run, attn)
                 state["rows"] = ops.row_relevance_update(rows, grad, attn, aggregate=self.aggregate)
 
-            run.attention_gradients(k, sites, update, retain_graph=k + 1 < run.num_targets)
-            rows = state["rows"]
-            results.append(rows if self.full_matrix else rows[:, 0])
-        return torch.stack(results, dim=1) if run.targets.per_sample_k else results[0]
+            run.attention_gradients(k, range(len(run.records)), update, retain_graph)
+            return state["rows"] if self.full_matrix else state["rows"][:, 0]
+
+        return run.for_each_target(one_target)
