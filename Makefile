@@ -17,16 +17,20 @@ $(VENV)/.deps-installed: requirements.txt
 	touch $@
 
 # The first build registers the editable install (pip builds in a throw-away folder); later
-# builds recompile in place, incrementally (ninja, objects kept under build/).
+# builds recompile in place, incrementally (ninja, objects kept under build/). The full log goes
+# to build/; the terminal gets one line per compiled file (ninja's [done/total] counter). No '#'
+# in PROGRESS: make would read it as a comment.
+PROGRESS := sed -unE 's@^\s*(\[[0-9]+/[0-9]+\]) .*/(csrc/[^ ]+\.(cpp|cu)) .*@relfast: compiled \1 \2@p'
 build: $(VENV)/.deps-installed $(VENV)/.relfast-registered
-	$(PY) setup.py -q build_ext --inplace > build/build_ext.log 2>&1 \
+	$(PY) setup.py -q build_ext --inplace 2>&1 | tee build/build_ext.log | $(PROGRESS) \
 		|| { tail -n 60 build/build_ext.log; echo "relfast: build failed, full log in build/build_ext.log"; exit 1; }
 	grep -h -E "^\s*relfast: " build/build_ext.log | sed 's/^\s*//' | sort -u
 	$(PY) -c "import relfast; print('relfast', relfast.__version__, '| CUDA kernels built:', relfast.ops.built_with_cuda())"
 
 $(VENV)/.relfast-registered: setup.py pyproject.toml
 	mkdir -p build
-	$(PY) -m pip install -v --no-build-isolation --no-deps -e . > build/pip-install.log 2>&1 \
+	@echo "relfast: first build of the kernels: about TIME_TBD on 2 cores with CUDA (the .cu files take the longest)"
+	$(PY) -m pip install -v --no-build-isolation --no-deps -e . 2>&1 | tee build/pip-install.log | $(PROGRESS) \
 		|| { tail -n 60 build/pip-install.log; echo "relfast: install failed, full log in build/pip-install.log"; exit 1; }
 	touch $@
 

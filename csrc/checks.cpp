@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <functional>
+#include <limits>
 
 namespace relfast {
 namespace {
@@ -87,6 +88,25 @@ void check_all_finite(const at::Tensor& t, const char* op, const char* name) {
     const std::string what = std::string("argument '") + name + "'";
     raise_nonfinite(op, what.c_str());
   }
+}
+
+namespace {
+
+double largest_finite(c10::ScalarType s) {
+  double largest = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s, "largest_finite",
+                                  [&] { largest = static_cast<double>(std::numeric_limits<scalar_t>::max()); });
+  return largest;
+}
+
+}  // namespace
+
+void check_result_finite(const at::Tensor& result, const char* op) {
+  if (result.numel() == 0) return;
+  const bool finite = result.is_cpu() ? all_finite_cpu(result) : at::isfinite(result).all().item<bool>();
+  TORCH_CHECK_VALUE(finite, "relfast.", op, ": the result overflowed ", result.scalar_type(),
+                    " (finite inputs whose products exceed its largest value, ", largest_finite(result.scalar_type()),
+                    "); pass the inputs in a wider dtype (float32, float64) or scale them down");
 }
 
 void check_head_mean_grad_attn_args(const at::Tensor& grad, const at::Tensor& attn) {

@@ -21,5 +21,8 @@ int64_t check_rollout_args(at::TensorList attentions, int64_t start_layer);
 // inside their own pass instead and call raise_nonfinite.
 void check_all_finite(const at::Tensor& t, const char* op, const char* name);
 [[noreturn]] void raise_nonfinite(const char* op, const char* what);
+// Raises if an op's result is not finite although its inputs were: the products overflowed the
+// result's dtype (float16's largest value is 65504). Checked on the result, where it is cheapest.
+void check_result_finite(const at::Tensor& result, const char* op);
 
 }  // namespace relfast

@@ -13,15 +13,18 @@ namespace relfast {
 constexpr int64_t kFusedRowUpdateMaxRows = 8;
 
 // Each function takes validated, possibly non-contiguous inputs. `out_dtype` lets composite ops
-// ask for the accumulation dtype (float32 for half types) instead of the input dtype.
-at::Tensor head_mean_grad_attn_cpu(const at::Tensor& grad, const at::Tensor& attn, at::ScalarType out_dtype);
+// ask for the accumulation dtype (float32 for half types) instead of the input dtype; `op` is the
+// public op named in errors (a composite op reaching this pass names itself).
+at::Tensor head_mean_grad_attn_cpu(const at::Tensor& grad, const at::Tensor& attn, at::ScalarType out_dtype,
+                                   const char* op);
 at::Tensor row_relevance_update_cpu(const at::Tensor& v, const at::Tensor& grad, const at::Tensor& attn, bool aggregate);
 at::Tensor normalize_residual_cpu(const at::Tensor& R, at::ScalarType out_dtype);
 // Row-normalised (E_h A + I) of one layer, in the accumulation dtype.
 at::Tensor rollout_layer_matrix_cpu(const at::Tensor& attn);
 
 #ifdef RELFAST_WITH_CUDA
-at::Tensor head_mean_grad_attn_cuda(const at::Tensor& grad, const at::Tensor& attn, at::ScalarType out_dtype);
+at::Tensor head_mean_grad_attn_cuda(const at::Tensor& grad, const at::Tensor& attn, at::ScalarType out_dtype,
+                                    const char* op);
 at::Tensor row_relevance_update_cuda(const at::Tensor& v, const at::Tensor& grad, const at::Tensor& attn, bool aggregate);
 at::Tensor normalize_residual_cuda(const at::Tensor& R, at::ScalarType out_dtype);
 at::Tensor rollout_layer_matrix_cuda(const at::Tensor& attn);
@@ -34,10 +37,11 @@ at::Tensor rollout_layer_matrix_cuda(const at::Tensor& attn);
   throw;  // unreachable
 }
 
-inline at::Tensor head_mean_grad_attn_impl(const at::Tensor& grad, const at::Tensor& attn, at::ScalarType out_dtype) {
-  if (!grad.is_cuda()) return head_mean_grad_attn_cpu(grad, attn, out_dtype);
+inline at::Tensor head_mean_grad_attn_impl(const at::Tensor& grad, const at::Tensor& attn, at::ScalarType out_dtype,
+                                           const char* op) {
+  if (!grad.is_cuda()) return head_mean_grad_attn_cpu(grad, attn, out_dtype, op);
 #ifdef RELFAST_WITH_CUDA
-  return head_mean_grad_attn_cuda(grad, attn, out_dtype);
+  return head_mean_grad_attn_cuda(grad, attn, out_dtype, op);
 #else
   fail_without_cuda_kernels();
 #endif

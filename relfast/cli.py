@@ -380,7 +380,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     explain.add_argument("--compare", help="with --text: the sentence whose similarity is explained")
     explain.add_argument("--model", help="images: a checkpoint from scripts/train_default_model.py (default: the "
                          "embedded model); text: a HuggingFace sequence-classifier or causal-LM folder")
-    explain.add_argument("--method", default="generic", help="generic (default), rollout, raw_attention, attn_gradcam")
+    explain.add_argument("--method", default="generic", help="generic (default), transformer_attribution, rollout, "
+                         "raw_attention, attn_gradcam, lrp (a pixel map for images), partial_lrp")
     explain.add_argument("--target", help="class index (causal LMs: next-token id), or several separated by commas "
                          "(default: the prediction)")
     explain.add_argument("--out", required=True, help="output PNG (a folder for a folder of images) or HTML file")
@@ -388,7 +389,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     export = commands.add_parser("export", help="write a model and its explainer as one ONNX or TorchScript file")
     export.add_argument("--model", help="a checkpoint from scripts/train_default_model.py (default: the embedded "
                         "model) or a HuggingFace image-classifier, sequence-classifier or causal-LM folder")
-    export.add_argument("--method", default="generic", help="generic (default), rollout, raw_attention, attn_gradcam")
+    export.add_argument("--method", default="generic", help="generic (default), transformer_attribution, rollout, "
+                        "raw_attention, attn_gradcam")
     export.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     export.add_argument("--out", required=True, help="the file to write (.onnx or .pt)")
     args = parser.parse_args(argv)
@@ -396,6 +398,11 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     if args.method not in METHODS:
         _fail(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
+    if args.command == "export":
+        from relfast.export.graph import EXPORTABLE_METHODS
+
+        if args.method not in EXPORTABLE_METHODS:
+            _fail(f"--method {args.method} is not exportable yet; exportable: {', '.join(EXPORTABLE_METHODS)}")
     _check_paths(args)
     if args.command == "export":
         return export_model(args)

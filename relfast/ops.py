@@ -3,7 +3,9 @@
 Every op takes a leading batch dimension, works on CPU (OpenMP C++) and CUDA (when built with it),
 accepts float16/bfloat16/float32/float64 (half types accumulate in float32), any strides, and
 returns a new tensor in the input dtype. Arguments are validated before any kernel runs: a wrong
-rank, shape, dtype or device, or NaN/inf values, raise ``ValueError`` naming the argument. The
+rank, shape, dtype or device, or NaN/inf values, raise ``ValueError`` naming the argument; a
+result that overflows its dtype (e.g. float16 products beyond 65504) raises ``ValueError`` too,
+never returns inf. Arguments that are not tensors (e.g. numpy arrays) raise ``TypeError``. The
 definitions are in ``relfast.reference``; the math in ``docs/METHODS.md``.
 
 The wrappers are TorchScript-compatible; the ops work under ``torch.compile(fullgraph=True)`` and
@@ -37,6 +39,8 @@ def head_mean_grad_attn(grad: Tensor, attn: Tensor) -> Tensor:
     Returns:
         (B, Nq, Nk). The clamp is applied per element, before the mean over heads.
     """
+    if not torch.jit.is_scripting():
+        _check_tensors("head_mean_grad_attn", ("grad", grad), ("attn", attn))
     return torch.ops.relfast.head_mean_grad_attn(grad, attn)
 
 
@@ -48,11 +52,15 @@ def relevance_update(R: Tensor, abar: Tensor, aggregate: bool = True) -> Tensor:
         R: (B, N, M) relevance map (rule 6: M = N, ``R^ss``; rule 7: ``R^sq``).
         abar: (B, N, N) head-averaged map of the layer, e.g. from :func:`head_mean_grad_attn`.
     """
+    if not torch.jit.is_scripting():
+        _check_tensors("relevance_update", ("R", R), ("abar", abar))
     return torch.ops.relfast.relevance_update(R, abar, aggregate=aggregate)
 
 
 def relevance_update_(R: Tensor, abar: Tensor, aggregate: bool = True) -> Tensor:
     """In-place :func:`relevance_update`: writes the result into ``R`` and returns ``R``."""
+    if not torch.jit.is_scripting():
+        _check_tensors("relevance_update_", ("R", R), ("abar", abar))
     torch.ops.relfast.relevance_update_(R, abar, aggregate=aggregate)
     return R
 
@@ -69,6 +77,8 @@ def row_relevance_update(v: Tensor, grad: Tensor, attn: Tensor, aggregate: bool 
         grad, attn: (B, H, N, N) as in :func:`head_mean_grad_attn`.
         aggregate: False gives ``v @ Ā`` (the "w/o aggregation" ablation).
     """
+    if not torch.jit.is_scripting():
+        _check_tensors("row_relevance_update", ("v", v), ("grad", grad), ("attn", attn))
     return torch.ops.relfast.row_relevance_update(v, grad, attn, aggregate=aggregate)
 
 
@@ -81,6 +91,8 @@ def normalize_residual(R: Tensor) -> Tensor:
     A row of ``R - I`` that sums to exactly 0 (e.g. a token nothing has attended to yet) is
     scaled by 0, so it becomes the identity row; the reference code returns NaN there.
     """
+    if not torch.jit.is_scripting():
+        _check_tensors("normalize_residual", ("R", R))
     return torch.ops.relfast.normalize_residual(R)
 
 
@@ -92,6 +104,8 @@ def bimodal_update(R_sq: Tensor, R_ss: Tensor, abar: Tensor, R_qq: Tensor, norma
         abar: (B, S, Q) head-averaged co-attention map.
         normalize: False uses ``R_ss``/``R_qq`` as they are (the "w/o norm." ablation).
     """
+    if not torch.jit.is_scripting():
+        _check_tensors("bimodal_update", ("R_sq", R_sq), ("R_ss", R_ss), ("abar", abar), ("R_qq", R_qq))
     return torch.ops.relfast.bimodal_update(R_sq, R_ss, abar, R_qq, normalize=normalize)
 
 
@@ -107,10 +121,24 @@ def rollout(attentions: List[Tensor], start_layer: int = 0) -> Tensor:
     Returns:
         (B, N, N); row 0 is the CLS token's rollout.
     """
+    if not torch.jit.is_scripting():
+        if not isinstance(attentions, (list, tuple)):
+            raise TypeError("relfast.rollout: argument 'attentions' must be a list of (B, H, N, N) tensors, got "
+                            + type(attentions).__name__)
+        _check_tensors("rollout", *[(f"attentions[{i}]", a) for i, a in enumerate(attentions)])
     if len(attentions) == 0:  # no tensor to pick a backend from: the dispatcher can't get to the op's own check
         raise ValueError("relfast.rollout: argument 'attentions' must hold at least one layer's attention tensor "
                          "(B, H, N, N), got an empty list")
     return torch.ops.relfast.rollout(attentions, start_layer)
+
+
+def _check_tensors(op, *named_values):
+    """Non-tensors (numpy arrays, lists) would reach the dispatcher's generic type error."""
+    for name, value in named_values:
+        if not isinstance(value, Tensor):
+            hint = " (convert it with torch.from_numpy)" if type(value).__module__ == "numpy" else ""
+            raise TypeError(f"relfast.{op}: argument '{name}' must be a torch.Tensor, got "
+                            f"{type(value).__module__}.{type(value).__qualname__}{hint}")
 
 
 def built_with_cuda() -> bool:

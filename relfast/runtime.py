@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .limits import MAX_ABS_FLOAT_INPUT
+
 METADATA_KEY = "relfast"
 _NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64, "int32": np.int32,
                  "int64": np.int64}
@@ -166,8 +168,14 @@ class OnnxExplainer:
                 dims.setdefault(expected, (size, name))
         if shape and shape[0] == "batch" and value.shape[0] == 0:
             raise ValueError(f"{where} holds an empty batch; there is nothing to explain")
-        if np.issubdtype(dtype, np.floating) and not np.isfinite(value).all():
-            raise ValueError(f"{where} holds NaN or infinite values")
+        if np.issubdtype(dtype, np.floating) and value.size:
+            if not np.isfinite(value).all():
+                raise ValueError(f"{where} holds NaN or infinite values")
+            largest = float(np.abs(value).max())
+            if largest > MAX_ABS_FLOAT_INPUT:  # as the eager explainer: ORT would return wrong, finite maps
+                raise ValueError(f"{where} holds a value of magnitude {largest:.3g}; float inputs must lie within "
+                                 f"±{MAX_ABS_FLOAT_INPUT:g} (normalised pixels or embeddings are of order 1; far "
+                                 "larger ones overflow inside the model)")
         positions = self.spec.get("max_positions")
         if name == "input_ids" and positions and value.ndim == 2 and value.shape[1] > positions:
             raise ValueError(f"{where} holds sequences of {value.shape[1]} tokens; the exported model has {positions} "

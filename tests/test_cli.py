@@ -92,7 +92,7 @@ def test_export_torchscript_of_a_text_classifier_folder(tmp_path):
 
 @pytest.mark.parametrize("args,words", [
     (["export", "--model", "/nonexistent.pt", "--out", "x.onnx"], "does not exist"),
-    (["export", "--method", "lrp", "--out", "x.onnx"], "--method must be one of"),
+    (["export", "--method", "gradients", "--out", "x.onnx"], "--method must be one of"),
     (["explain", "--image", "/nonexistent.png", "--out", "x.png"], "does not exist"),
     (["explain", "--image", "IMAGES", "--target", "9", "--out", "x"], "out of range"),
     (["explain", "--image", "IMAGES", "--method", "lrp2", "--out", "x"], "--method must be one of"),

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import relfast
+from relfast.explain.methods import ATTENTION_METHODS
 from engine_models import (BUILDERS, CAUSAL_LMS, HAND_WRITTEN_LAYOUT, build, inputs_for, real_tokens,
                            reference_relevance)
 
@@ -38,7 +39,7 @@ def test_models_run_the_attention_they_were_loaded_with():
     assert all(block.attn.fused_attn for block in build("timm-vit").blocks)
 
 
-@pytest.mark.parametrize("method", relfast.explain.METHODS)
+@pytest.mark.parametrize("method", ATTENTION_METHODS)  # LRP methods: tests/test_lrp.py
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_batched_equals_per_sample_eager_reference(name, method):
     model = build(name)

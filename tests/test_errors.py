@@ -19,6 +19,19 @@ def rel(B=2, N=5, M=None):
     return torch.eye(N, M or N).repeat(B, 1, 1) + 0.01
 
 
+def full(*shape, value, dtype=torch.float16):
+    return torch.full(shape, value, dtype=dtype)
+
+
+def nearly_cancelling_rows(dtype, tiny):
+    """R with row 0 of R - I equal to (0, 1, -1, tiny, 0): its sum is `tiny`, so the normalised
+    row holds 1 / tiny, beyond the dtype's range although every input is finite."""
+    R = torch.eye(5, dtype=dtype).repeat(2, 1, 1)
+    R[:, 0, 1:4] = torch.tensor([1.0, -1.0, tiny], dtype=dtype)
+    assert R[0, 0, 3] > 0  # the tiny value is representable (subnormal), not flushed to 0
+    return R
+
+
 def poisoned(t, value, index=(0, 1, 2)):
     t = t.clone()
     t[index] = value
@@ -67,12 +80,32 @@ BAD_CALLS = {
     "row:inf-grad": (lambda: ops.row_relevance_update(torch.rand(2, 1, 5), poisoned(grad(), -INF, (1, 2, 4, 0)), attn()),
                      ["'grad' and 'attn'", "NaN or infinite"]),
     "row:nan-many-rows": (lambda: ops.row_relevance_update(torch.rand(2, 20, 5), grad(), poisoned(attn(), NAN, (0, 2, 0, 1))),
-                          ["'grad' and 'attn'"]),
+                          ["relfast.row_relevance_update:", "'grad' and 'attn'"]),
     "norm:nan": (lambda: ops.normalize_residual(poisoned(rel(), NAN, (1, 4, 4))), ["argument 'R'"]),
     "bimodal:inf-R_qq": (lambda: ops.bimodal_update(rel(), rel(), rel(), poisoned(rel(), INF)), ["argument 'R_qq'"]),
     "bimodal:nan-R_ss-raw": (lambda: ops.bimodal_update(rel(), poisoned(rel(), NAN), rel(), rel(), normalize=False),
                              ["argument 'R_ss'"]),
     "rollout:nan": (lambda: ops.rollout([attn(), poisoned(attn(), NAN, (1, 1, 1, 1))]), ["'attentions'"]),
+    # finite inputs whose result overflows its dtype: an error, never an inf result
+    "head:overflow-fp16": (lambda: ops.head_mean_grad_attn(full(2, 3, 5, 5, value=200), full(2, 3, 5, 5, value=400)),
+                           ["relfast.head_mean_grad_attn:", "result overflowed", "Half", "65504"]),
+    "rel:overflow-fp16": (lambda: ops.relevance_update(full(2, 5, 5, value=300), full(2, 5, 5, value=300)),
+                          ["relfast.relevance_update:", "result overflowed"]),
+    "rel:overflow-fp32": (lambda: ops.relevance_update(full(2, 5, 5, value=1e20, dtype=torch.float32),
+                                                       full(2, 5, 5, value=1e20, dtype=torch.float32)),
+                          ["relfast.relevance_update:", "result overflowed", "Float"]),
+    "row:overflow-fp16": (lambda: ops.row_relevance_update(full(2, 1, 5, value=300), full(2, 3, 5, 5, value=200),
+                                                           full(2, 3, 5, 5, value=300)),
+                          ["relfast.row_relevance_update:", "result overflowed"]),
+    "row:overflow-fp16-many-rows": (lambda: ops.row_relevance_update(full(2, 20, 5, value=300), full(2, 3, 5, 5, value=200),
+                                                                     full(2, 3, 5, 5, value=300)),
+                                    ["relfast.row_relevance_update:", "result overflowed"]),
+    "norm:overflow-fp16": (lambda: ops.normalize_residual(nearly_cancelling_rows(torch.float16, tiny=6e-8)),
+                           ["relfast.normalize_residual:", "result overflowed"]),
+    "norm:overflow-fp32": (lambda: ops.normalize_residual(nearly_cancelling_rows(torch.float32, tiny=1e-45)),
+                           ["relfast.normalize_residual:", "result overflowed"]),
+    "bimodal:overflow-fp16": (lambda: ops.bimodal_update(*[full(2, 5, 5, value=300)] * 4, normalize=False),
+                              ["relfast.bimodal_update:", "result overflowed"]),
     # devices (a meta tensor stands in for a second device on a machine without a GPU)
     "head:device": (lambda: ops.head_mean_grad_attn(grad(), attn().to("meta")), ["'attn'", "device"]),
     "rel:device": (lambda: ops.relevance_update(rel(), rel().to("meta")), ["'abar'", "device"]),
@@ -89,6 +122,55 @@ def test_bad_input_raises_value_error_naming_the_argument(case):
     assert message.startswith("relfast.") or "relfast." in message, message
     for word in words:
         assert word in message, f"{word!r} not in {message!r}"
+
+
+NOT_TENSORS = {
+    "head:numpy": (lambda: ops.head_mean_grad_attn(grad().numpy(), attn()), ["relfast.head_mean_grad_attn:", "'grad'",
+                                                                           "numpy.ndarray", "torch.from_numpy"]),
+    "rel:numpy-abar": (lambda: ops.relevance_update(rel(), rel().numpy()), ["relfast.relevance_update:", "'abar'"]),
+    "rel_:list": (lambda: ops.relevance_update_(rel(), rel().tolist()), ["relfast.relevance_update_:", "'abar'", "list"]),
+    "row:numpy-attn": (lambda: ops.row_relevance_update(torch.rand(2, 1, 5), grad(), attn().numpy()), ["'attn'"]),
+    "norm:numpy": (lambda: ops.normalize_residual(rel().numpy()), ["relfast.normalize_residual:", "'R'"]),
+    "bimodal:numpy": (lambda: ops.bimodal_update(rel(), rel(), rel(), rel().numpy()), ["'R_qq'"]),
+    "rollout:numpy-layer": (lambda: ops.rollout([attn(), attn().numpy()]), ["relfast.rollout:", "'attentions[1]'"]),
+    "rollout:tensor-not-list": (lambda: ops.rollout(attn()), ["relfast.rollout:", "'attentions'", "list"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_TENSORS))
+def test_arguments_that_are_not_tensors_raise_type_error_naming_them(case):
+    call, words = NOT_TENSORS[case]
+    with pytest.raises(TypeError) as info:
+        call()
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {str(info.value)!r}"
+
+
+def test_a_result_within_range_is_not_refused():
+    # Just below float16's largest value: the result check must not misfire.
+    out = ops.head_mean_grad_attn(full(1, 2, 3, 3, value=200), full(1, 2, 3, 3, value=300))
+    assert out.dtype == torch.float16 and bool(torch.isfinite(out).all()) and float(out.max()) == 60000
+
+
+@pytest.mark.parametrize("call,shape", [
+    (lambda m: ops.head_mean_grad_attn(grad().to(m), attn().to(m)), (2, 5, 5)),
+    (lambda m: ops.relevance_update(rel().to(m), rel().to(m)), (2, 5, 5)),
+    (lambda m: ops.row_relevance_update(torch.rand(2, 3, 5, device=m), grad().to(m), attn().to(m)), (2, 3, 5)),
+    (lambda m: ops.normalize_residual(rel().to(m)), (2, 5, 5)),
+    (lambda m: ops.bimodal_update(*[rel().to(m)] * 4), (2, 5, 5)),
+    (lambda m: ops.rollout([attn().to(m)] * 2), (2, 5, 5)),
+])
+def test_meta_tensors_give_the_output_shape_without_reading_values(call, shape):
+    # Shape propagation (torch.compile, export, model sizing) reads no values: no finiteness check runs.
+    out = call("meta")
+    assert out.device.type == "meta" and tuple(out.shape) == shape
+
+
+def test_inplace_update_leaves_R_untouched_on_overflow():
+    R = full(2, 5, 5, value=300)
+    with pytest.raises(ValueError, match="result overflowed"):
+        ops.relevance_update_(R, full(2, 5, 5, value=300))
+    assert bool((R == 300).all())
 
 
 def test_inplace_update_leaves_R_untouched_on_bad_abar():

@@ -53,6 +53,8 @@ CASES = {
                                    "is a file; a folder of images needs a folder", True),
     "text with --out words.png": (["explain", "--text", "a b", "--compare", "b c", "--out", "{root}/words.png"],
                                   "must be a .html file for text", True),
+    "export of a method not exportable": (["export", "--method", "lrp", "--out", "{root}/m.onnx"],
+                                          "--method lrp is not exportable yet", True),
     "--compare on an image": (["explain", "--image", IMG, "--compare", "x", "--out", "{root}/h.png"],
                               "--compare applies to --text only", True),
     "--target with --compare": (["explain", "--text", "a", "--compare", "b", "--target", "1", "--out",

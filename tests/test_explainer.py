@@ -6,6 +6,7 @@ import torch
 import transformers  # installed by requirements.txt: a missing one must fail, not skip
 
 import relfast
+from relfast.explain.methods import ATTENTION_METHODS
 
 LAYERS, HEADS, HIDDEN, CLASSES = 3, 4, 32, 5
 
@@ -124,7 +125,7 @@ def assert_close_relative(actual, expected, rtol=1e-5):
     torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=rtol * scale.item())
 
 
-@pytest.mark.parametrize("method", relfast.explain.METHODS)
+@pytest.mark.parametrize("method", ATTENTION_METHODS)  # LRP methods: tests/test_lrp.py
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_batched_equals_per_sample_reference(family, method):
     model = make(family)
@@ -223,7 +224,7 @@ def test_timm_with_and_without_fused_attention_agree():
     assert not any(b.attn.fused_attn for b in model.blocks)
 
 
-@pytest.mark.parametrize("method", relfast.explain.METHODS)
+@pytest.mark.parametrize("method", ATTENTION_METHODS)
 def test_sdpa_model_keeps_sdpa_and_gives_the_eager_result(method):
     torch.manual_seed(0)
     model = vit().double().eval()
@@ -253,8 +254,8 @@ def test_layers_with_another_attention_implementation_are_counted():
 BAD = {
     "unsupported model": (lambda: relfast.Explainer(torch.nn.Linear(3, 3)), ValueError, "Supported families"),
     "unknown method": (lambda: relfast.Explainer(make("vit"), "gradients"), ValueError, "'method'"),
-    "later method": (lambda: relfast.Explainer(make("vit"), "transformer_attribution"), NotImplementedError,
-                     "not implemented yet"),
+    "full matrix of an LRP method": (lambda: relfast.Explainer(make("vit"), "transformer_attribution",
+                                                               full_matrix=True), ValueError, "'full_matrix=True'"),
     "start_layer on generic": (lambda: relfast.Explainer(make("vit"), start_layer=1), ValueError, "'start_layer'"),
     "target out of range": (lambda: relfast.Explainer(make("vit"))(inputs_for("vit", 2), target=5), ValueError,
                             "out of range"),

@@ -49,7 +49,8 @@ MODELS = {"default": relfast.models.default_model, "vit": seeded(vit), "deit": s
 # (model, method, explainer options): every method on the shipped model, generic on each family.
 CASES = [("default", "generic", {}), ("default", "rollout", {}), ("default", "raw_attention", {}),
          ("default", "attn_gradcam", {}), ("vit", "generic", {}), ("deit", "generic", {}), ("bert", "generic", {}),
-         ("bert", "generic", {"full_matrix": True})]
+         ("bert", "generic", {"full_matrix": True}), ("default", "transformer_attribution", {}),
+         ("deit", "transformer_attribution", {}), ("bert", "transformer_attribution", {})]
 
 
 def case_id(case):
@@ -170,104 +171,7 @@ def test_torchscript_keeps_fused_ops(exported):
     assert exported["script"].relfast_input_names == [e["name"] for e in spec["inputs"]]
 
 
-# ---- bad input: relfast's message, before the runtime's ----
-
-@pytest.fixture(scope="module")
-def default_files(tmp_path_factory):
-    explainer = relfast.Explainer(relfast.models.default_model(), "generic")
-    folder = tmp_path_factory.mktemp("default_export")
-    example = torch.randn(1, 3, 64, 64)
-    return dict(onnx=relfast.export.to_onnx(explainer, example, folder / "m.onnx"),
-                script=relfast.export.to_torchscript(explainer, example, folder / "m.pt"))
-
-
-GOOD = np.zeros((2, 3, 64, 64), np.float32)
-BAD_IMAGE_INPUTS = [
-    ((np.zeros((3, 64, 64), np.float32),), {}, "input 'pixel_values' must have shape (B, 3, 64, 64), got (3, 64, 64)"),
-    ((np.zeros((2, 3, 32, 32), np.float32),), {}, "dimension 2 must be 64, the image size of the model"),
-    ((np.zeros((2, 3, 64, 64), np.float64),), {}, "input 'pixel_values' must be float32, got float64"),
-    ((np.full((2, 3, 64, 64), np.nan, np.float32),), {}, "input 'pixel_values' holds NaN or infinite values"),
-    ((np.zeros((0, 3, 64, 64), np.float32),), {}, "holds an empty batch"),
-    ((GOOD,), {"target": 4}, "argument 'target' holds class 4, out of range for a model with 4 classes"),
-    ((GOOD,), {"target": np.array([0, -2])}, "argument 'target' holds class -2, out of range"),
-    ((GOOD,), {"target": np.array([0, 1, 2])}, "argument 'target' must be an int or have shape (2,)"),
-    ((GOOD,), {"target": np.array([0.0, 1.0])}, "argument 'target' must hold integer class indices"),
-    ((GOOD, GOOD), {}, "expected 1 model input(s) ['pixel_values'], got 2"),
-    ((torch.zeros(2, 3, 64, 64),), {}, "must be a numpy array, got a torch tensor"),
-    (({"pixel_values": GOOD, "extra": GOOD},), {}, "unexpected ['extra']"),
-]
-
-
-@pytest.mark.parametrize("args,kwargs,message", BAD_IMAGE_INPUTS, ids=lambda v: str(v)[:40] if isinstance(v, str) else "")
-def test_runtime_rejects_bad_input_before_onnxruntime(default_files, args, kwargs, message):
-    runtime = OnnxExplainer(default_files["onnx"], providers=["CPUExecutionProvider"])
-
-    class NotCalled:
-        def __getattr__(self, name):
-            if name == "run":
-                raise AssertionError("ONNX Runtime was called with bad input")
-            return getattr(runtime.session, name)
-
-    runtime.session = NotCalled()
-    with pytest.raises(ValueError) as error:
-        runtime(*args, **kwargs)
-    assert str(error.value).startswith("relfast.runtime.OnnxExplainer:") and message in str(error.value)
-
-
-BAD_SCRIPT_INPUTS = [
-    (torch.zeros(2, 3, 32, 32), torch.full((2,), -1), "input 'pixel_values' must have shape (B, 3, 64, 64)"),
-    (torch.zeros(2, 3, 64, 64, dtype=torch.float64), torch.full((2,), -1),
-     "input 'pixel_values' must be float32, got float64"),
-    (torch.full((2, 3, 64, 64), float("inf")), torch.full((2,), -1),
-     "input 'pixel_values' holds NaN or infinite values"),
-    (torch.zeros(2, 3, 64, 64), torch.full((3,), -1), "input 'target' has shape [3], but an earlier input has size 2"),
-    (torch.zeros(2, 3, 64, 64), torch.full((2,), 4), "input 'target' holds class 4, out of range"),
-    (torch.zeros(2, 3, 64, 64), torch.zeros(2, dtype=torch.int32), "input 'target' must be int64, got int32"),
-]
-
-
-@pytest.mark.parametrize("pixels,target,message", BAD_SCRIPT_INPUTS, ids=[m[:30] for *_, m in BAD_SCRIPT_INPUTS])
-def test_torchscript_rejects_bad_input(default_files, pixels, target, message):
-    script = torch.jit.load(str(default_files["script"]))
-    with pytest.raises(Exception) as error:
-        script(pixels, target)
-    assert "relfast (exported explainer): " + message in str(error.value).splitlines()[-1]
-
-
-def test_runtime_rejects_bad_text_input(tmp_path):
-    explainer = relfast.Explainer(seeded(bert)(), "generic")
-    path = relfast.export.to_onnx(explainer, text_batch(1, 6, seed=0), tmp_path / "bert.onnx")
-    runtime = OnnxExplainer(path, providers=["CPUExecutionProvider"])
-    good = {k: v.numpy() for k, v in text_batch(2, 6, seed=1).items()}
-    with pytest.raises(ValueError, match="input 'attention_mask' has shape \\(2, 5\\), but input 'input_ids' has "
-                                         "sequence size 6"):
-        runtime(good["input_ids"], good["attention_mask"][:, :5])
-    with pytest.raises(ValueError, match="token id 60, out of range for a vocabulary of 60"):
-        runtime({"input_ids": np.full((2, 6), VOCAB), "attention_mask": good["attention_mask"]})
-    with pytest.raises(ValueError, match="missing \\['attention_mask'\\]"):
-        runtime({"input_ids": good["input_ids"]})
-    logits, relevance = runtime(good)  # a tokenizer-style dict
-    assert logits.shape == (2, 5) and relevance.shape == (2, 6)
-
-
-# ---- export-time errors ----
-
-def test_export_rejects_what_a_graph_cannot_take(tmp_path):
-    encoder = relfast.Explainer(seeded(lambda: bert("BertModel"))(), "generic")
-    with pytest.raises(ValueError, match="need a callable target, which an exported graph cannot take"):
-        relfast.export.to_onnx(encoder, text_batch(1, 6, seed=0), tmp_path / "x.onnx")
-    explainer = relfast.Explainer(relfast.models.default_model())
-    with pytest.raises(ValueError, match="'example_inputs' must be a tensor or a dict of tensors"):
-        relfast.export.to_torchscript(explainer, [1, 2], tmp_path / "x.pt")
-    with pytest.raises(ValueError, match="'dynamic_sequence' applies to text models"):
-        relfast.export.to_onnx(explainer, torch.zeros(1, 3, 64, 64), tmp_path / "x.onnx", dynamic_sequence=True)
-    with pytest.raises(ValueError, match="must be a relfast.Explainer"):
-        relfast.export.to_onnx(explainer.model, torch.zeros(1, 3, 64, 64), tmp_path / "x.onnx")
-    with pytest.raises(ValueError, match="not written by relfast.export.to_onnx"):
-        plain = tmp_path / "plain.onnx"
-        torch.onnx.export(torch.nn.Linear(3, 2), (torch.zeros(1, 3),), str(plain), dynamo=True)
-        OnnxExplainer(plain)
-
+# ---- served files: the runtime without torch, the TorchScript default target ----
 
 def test_runtime_works_without_torch(default_files):
     """relfast.runtime serves the ONNX file where torch cannot be imported at all."""
@@ -289,60 +193,6 @@ print(runtime.providers, logits.shape, relevance.shape, runtime.image_map(releva
     assert "(3, 4) (3, 65) (3, 8, 8)" in proc.stdout
     eager = relfast.Explainer(relfast.models.default_model())(torch.from_numpy(image))
     assert rel_err(np.load(default_files["onnx"].with_suffix(".out.npy")), eager.relevance) <= RELEVANCE_RTOL
-
-
-def damaged_copy(source, folder, metadata):
-    model = onnx.load(str(source))
-    for entry in model.metadata_props:
-        if entry.key == "relfast":
-            entry.value = metadata
-    path = folder / "damaged.onnx"
-    onnx.save(model, str(path))
-    return path
-
-
-@pytest.mark.parametrize("kind", ["empty", "garbage", "metadata not JSON", "metadata without inputs", "plain model"])
-def test_runtime_refuses_unreadable_files_clearly(default_files, tmp_path, kind):
-    path = tmp_path / "bad.onnx"
-    if kind == "empty":
-        path.write_bytes(b"")
-        words = "is empty, not an ONNX model"
-    elif kind == "garbage":
-        path.write_bytes(b"this is not a protobuf" * 10)
-        words = "is not a readable ONNX model"
-    elif kind == "metadata not JSON":
-        path = damaged_copy(default_files["onnx"], tmp_path, "{not json")
-        words = "metadata of .* is damaged \\(JSONDecodeError"
-    elif kind == "metadata without inputs":
-        path = damaged_copy(default_files["onnx"], tmp_path, json.dumps({"method": "generic"}))
-        words = "metadata of .* is damaged \\(KeyError"
-    else:
-        model = onnx.load(str(default_files["onnx"]))
-        del model.metadata_props[:]
-        onnx.save(model, str(path))
-        words = "was not written by relfast.export.to_onnx"
-    with pytest.raises(ValueError, match="relfast.runtime.OnnxExplainer: argument 'path': .*" + words):
-        OnnxExplainer(path, providers=["CPUExecutionProvider"])
-
-
-def test_runtime_refuses_a_non_finite_result(default_files):
-    """Where ONNX Runtime's own arithmetic overflows (weights or inputs too large), the runtime
-    refuses the result as the eager explainer does, instead of returning NaN maps."""
-    runtime = OnnxExplainer(default_files["onnx"], providers=["CPUExecutionProvider"])
-    real_run = runtime.session.run
-
-    class Overflowing:
-        def __getattr__(self, name):
-            return getattr(runtime.session_, name)
-
-        def run(self, names, feeds):
-            logits, relevance, explained = real_run(names, feeds)
-            relevance[0, 0] = np.inf
-            return [logits, relevance, explained]
-
-    runtime.session_, runtime.session = runtime.session, Overflowing()
-    with pytest.raises(ValueError, match="relevance overflowed to NaN or infinite"):
-        runtime(GOOD)
 
 
 def test_torchscript_target_defaults_to_the_predicted_class(default_files):

@@ -28,7 +28,9 @@ at::Tensor bimodal_update_op(const at::Tensor& R_sq, const at::Tensor& R_ss, con
   const at::Tensor ss = self_map(R_ss, normalize, acc, "R_ss");
   const at::Tensor qq = self_map(R_qq, normalize, acc, "R_qq");
   const at::Tensor left = at::bmm(ss.transpose(1, 2), abar.to(acc));  // (B, S, Q)
-  return at::baddbmm(R_sq.to(acc), left, qq).to(R_sq.scalar_type());
+  at::Tensor out = at::baddbmm(R_sq.to(acc), left, qq).to(R_sq.scalar_type());
+  check_result_finite(out, kOp);
+  return out;
 }
 
 }  // namespace

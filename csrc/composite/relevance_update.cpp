@@ -22,13 +22,16 @@ at::Tensor updated_relevance(const at::Tensor& R, const at::Tensor& abar, bool a
 }
 
 at::Tensor relevance_update_op(const at::Tensor& R, const at::Tensor& abar, bool aggregate) {
-  return updated_relevance(R, abar, aggregate).to(R.scalar_type());
+  at::Tensor out = updated_relevance(R, abar, aggregate).to(R.scalar_type());
+  check_result_finite(out, kOp);
+  return out;
 }
 
 // The product reads all of R, so it cannot be written into R while it is computed: the
-// in-place form saves the caller an allocation, not the temporary.
+// in-place form saves the caller an allocation, not the temporary. R is written only once the
+// result is known to be finite.
 void relevance_update_inplace_op(at::Tensor& R, const at::Tensor& abar, bool aggregate) {
-  R.copy_(updated_relevance(R, abar, aggregate));
+  R.copy_(relevance_update_op(R, abar, aggregate));
 }
 
 }  // namespace

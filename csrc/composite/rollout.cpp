@@ -15,7 +15,9 @@ at::Tensor rollout_op(at::TensorList attentions, int64_t start_layer) {
   for (size_t l = first + 1; l < attentions.size(); ++l) {
     joint = at::bmm(rollout_layer_matrix_impl(attentions[l]), joint);
   }
-  return joint.to(attentions[0].scalar_type());
+  at::Tensor out = joint.to(attentions[0].scalar_type());
+  check_result_finite(out, "rollout");
+  return out;
 }
 
 }  // namespace

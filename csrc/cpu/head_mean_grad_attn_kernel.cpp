@@ -45,12 +45,15 @@ bool head_mean_grad_attn_kernel(const scalar_t* grad, const scalar_t* attn, out_
 
 at::Tensor head_mean_grad_attn_op(const at::Tensor& grad, const at::Tensor& attn) {
   check_head_mean_grad_attn_args(grad, attn);
-  return head_mean_grad_attn_cpu(grad, attn, grad.scalar_type());
+  at::Tensor out = head_mean_grad_attn_cpu(grad, attn, grad.scalar_type(), "head_mean_grad_attn");
+  check_result_finite(out, "head_mean_grad_attn");
+  return out;
 }
 
 }  // namespace
 
-at::Tensor head_mean_grad_attn_cpu(const at::Tensor& grad, const at::Tensor& attn, at::ScalarType out_dtype) {
+at::Tensor head_mean_grad_attn_cpu(const at::Tensor& grad, const at::Tensor& attn, at::ScalarType out_dtype,
+                                                 const char* op) {
   const at::Tensor g = grad.contiguous(), a = attn.contiguous();
   const int64_t B = g.size(0), H = g.size(1), Nq = g.size(2), Nk = g.size(3);
   at::Tensor out = at::empty({B, Nq, Nk}, g.options().dtype(out_dtype));
@@ -67,7 +70,7 @@ at::Tensor head_mean_grad_attn_cpu(const at::Tensor& grad, const at::Tensor& att
                                                            out.mutable_data_ptr<acc_t>(), B, H, Nq, Nk);
     }
   });
-  if (!finite) raise_nonfinite("head_mean_grad_attn", "arguments 'grad' and 'attn'");
+  if (!finite) raise_nonfinite(op, "arguments 'grad' and 'attn'");
   return out;
 }
 

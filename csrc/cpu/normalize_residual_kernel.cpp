@@ -44,7 +44,9 @@ bool normalize_residual_kernel(const scalar_t* R, out_t* out, int64_t B, int64_t
 
 at::Tensor normalize_residual_op(const at::Tensor& R) {
   check_normalize_residual_args(R);
-  return normalize_residual_cpu(R, R.scalar_type());
+  at::Tensor out = normalize_residual_cpu(R, R.scalar_type());
+  check_result_finite(out, "normalize_residual");
+  return out;
 }
 
 }  // namespace

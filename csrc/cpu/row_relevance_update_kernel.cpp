@@ -76,7 +76,9 @@ bool row_relevance_update_kernel(const scalar_t* v, const scalar_t* grad, const 
 
 at::Tensor row_relevance_update_op(const at::Tensor& v, const at::Tensor& grad, const at::Tensor& attn, bool aggregate) {
   check_row_relevance_update_args(v, grad, attn);
-  return row_relevance_update_cpu(v, grad, attn, aggregate);
+  at::Tensor out = row_relevance_update_cpu(v, grad, attn, aggregate);
+  check_result_finite(out, "row_relevance_update");
+  return out;
 }
 
 }  // namespace

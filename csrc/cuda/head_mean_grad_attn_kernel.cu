@@ -58,12 +58,15 @@ void launch(const at::Tensor& g, const at::Tensor& a, at::Tensor& out, int* nonf
 
 at::Tensor head_mean_grad_attn_op(const at::Tensor& grad, const at::Tensor& attn) {
   check_head_mean_grad_attn_args(grad, attn);
-  return head_mean_grad_attn_cuda(grad, attn, grad.scalar_type());
+  at::Tensor out = head_mean_grad_attn_cuda(grad, attn, grad.scalar_type(), "head_mean_grad_attn");
+  check_result_finite(out, "head_mean_grad_attn");
+  return out;
 }
 
 }  // namespace
 
-at::Tensor head_mean_grad_attn_cuda(const at::Tensor& grad, const at::Tensor& attn, at::ScalarType out_dtype) {
+at::Tensor head_mean_grad_attn_cuda(const at::Tensor& grad, const at::Tensor& attn, at::ScalarType out_dtype,
+                                                  const char* op) {
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor g = grad.contiguous(), a = attn.contiguous();
   const int64_t B = g.size(0), Nq = g.size(2), Nk = g.size(3);
@@ -79,7 +82,7 @@ at::Tensor head_mean_grad_attn_cuda(const at::Tensor& grad, const at::Tensor& at
       launch<scalar_t, acc_t>(g, a, out, flag.data());
     }
   });
-  if (flag.raised()) raise_nonfinite("head_mean_grad_attn", "arguments 'grad' and 'attn'");
+  if (flag.raised()) raise_nonfinite(op, "arguments 'grad' and 'attn'");
   return out;
 }
 

@@ -61,7 +61,9 @@ void launch(const at::Tensor& x, at::Tensor& out, int* nonfinite) {
 
 at::Tensor normalize_residual_op(const at::Tensor& R) {
   check_normalize_residual_args(R);
-  return normalize_residual_cuda(R, R.scalar_type());
+  at::Tensor out = normalize_residual_cuda(R, R.scalar_type());
+  check_result_finite(out, "normalize_residual");
+  return out;
 }
 
 }  // namespace

@@ -116,7 +116,9 @@ void launch_partial_rows(const at::Tensor& v, const at::Tensor& g, const at::Ten
 
 at::Tensor row_relevance_update_op(const at::Tensor& v, const at::Tensor& grad, const at::Tensor& attn, bool aggregate) {
   check_row_relevance_update_args(v, grad, attn);
-  return row_relevance_update_cuda(v, grad, attn, aggregate);
+  at::Tensor out = row_relevance_update_cuda(v, grad, attn, aggregate);
+  check_result_finite(out, "row_relevance_update");
+  return out;
 }
 
 }  // namespace

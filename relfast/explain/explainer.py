@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .families import Family, family_for
-from .layout import TokenLayout
+from .layout import TokenLayout, min_max
 from .methods import METHODS, make_method
 from .session import Session
 from .targets import Targets, TargetSpec
@@ -30,6 +30,9 @@ class Explanation:
         relevance: float32, the explained token's row of R over all N input tokens: (B, N), or
             (B, K, N) for K targets per sample; with ``full_matrix=True`` all rows, (B, N, N).
         layout: the model's token layout (prefix tokens, patch grid, patch size).
+        full_matrix: ``relevance`` holds all rows of R.
+        pixel_level: ``relevance`` is over the input's pixels, (B[, K], H, W) (method ``lrp`` on
+            images), not over tokens.
     """
 
     logits: Tensor
@@ -37,6 +40,7 @@ class Explanation:
     relevance: Tensor
     layout: TokenLayout
     full_matrix: bool = False
+    pixel_level: bool = False
 
     def image_map(self, upsample: bool = False, normalize: bool = True) -> Tensor:
         """Vision models: the patch map (B[, K], h_p, w_p), prefix tokens dropped. With
@@ -46,6 +50,8 @@ class Explanation:
         if self.full_matrix:
             raise ValueError("relfast.Explanation.image_map: this explanation holds all rows of R (full_matrix=True); "
                              "a patch map is one row: use relevance[:, row] or explain with full_matrix=False")
+        if self.pixel_level:  # already at the input's resolution
+            return min_max(self.relevance) if upsample and normalize else self.relevance
         grid = self.layout.to_grid(self.relevance)
         return self.layout.to_pixels(grid, normalize) if upsample else grid
 
@@ -58,11 +64,15 @@ class Explainer:
             the attention it was loaded with (SDPA, eager, timm fused, nn.MultiheadAttention).
             Any other module whose attention runs through ``scaled_dot_product_attention`` (or
             ``nn.MultiheadAttention``) is explained given ``layout``.
-        method: "generic" ([P2], default), or the [P1] baselines "rollout", "raw_attention",
-            "attn_gradcam".
+        method: "generic" ([P2], default); [P1]'s "transformer_attribution" (LRP-weighted
+            attention gradients); or the [P1] baselines "rollout", "raw_attention",
+            "attn_gradcam", "lrp" (plain LRP to the input: a pixel map for images) and
+            "partial_lrp" (the last attention map's LRP relevance).
         layout: a :class:`relfast.TokenLayout` describing the model's tokens; required for models
             of no listed family, and overrides a family's own.
-        start_layer: rollout's first layer (default 0; negative counts from the end).
+        start_layer: the first layer of rollout's product (default 0) or of
+            transformer_attribution's (default 1, as the reference's image evaluation; its BERT
+            evaluation uses the last layer, -1); negative counts from the end.
         aggregate: False gives the "w/o aggregation" ablation of the generic rule (``R ← Ā·R``).
         full_matrix: return all rows of R (token-level tasks) instead of the explained row.
 
@@ -108,7 +118,8 @@ class Explainer:
                              "needs a callable 'target' mapping its output to one scalar per sample")
         targets = Targets.parse(target, self.family.num_classes())
         logits, explained, relevance = self._explain(inputs, targets)
-        return Explanation(logits, explained, relevance, self.layout, self.full_matrix)
+        return Explanation(logits, explained, relevance, self.layout, self.full_matrix,
+                           pixel_level=self._method.pixel_level and self.layout.is_vision)
 
     def _explain(self, inputs: Any, targets: Targets, traced: bool = False):
         """One session: (scores, explained classes, float32 relevance). ``relfast.export``

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .capture import AttentionCapture, AttentionRecord, ProbabilityRecord
 from .families import Family, ModelCall
+from .lrp import RelevancePass
 from .methods import Method, Run
 from .targets import Targets, check_class_range
 
@@ -64,10 +65,17 @@ class Session:
             if not self.traced and explained is not None:  # families that know no class count before the forward
                 check_class_range(explained, scores.shape[-1])
             run = Run(records, call.rows, call.token_mask, self.family.layout, scores, explained, self.targets)
-            relevance = self.method.relevance(run).detach().float()
+            if self.method.uses_relevance_pass:
+                run.relevance_pass = RelevancePass(self.family, call if gradients else _graph_inputs(call),
+                                                   self.method.conserve, len(records))
+            try:
+                relevance = self.method.relevance(run).detach().float()
+            except ValueError as error:  # a relfast op refused overflowing gradients: say it as the explainer
+                if _is_op_overflow(error):
+                    raise _relevance_overflow() from error
+                raise
         if not self.traced and not bool(torch.isfinite(relevance).all()):
-            raise ValueError("relfast.Explainer: the relevance overflowed to NaN or infinite values (the gradients of "
-                             "the explained output are too large for the model's dtype); explain it in float32")
+            raise _relevance_overflow()
         return scores.detach(), explained, relevance
 
     def _check_records(self, records: List[AttentionRecord], call: ModelCall) -> int:
@@ -115,6 +123,18 @@ def _check_finite_scores(scores: Tensor) -> None:
         raise ValueError("relfast.Explainer: the model's output holds NaN or infinite values for these inputs (overflow "
                          "in the model's arithmetic: inputs or weights too large for its dtype?); there is nothing "
                          "meaningful to explain")
+
+
+def _relevance_overflow() -> ValueError:
+    return ValueError("relfast.Explainer: the relevance overflowed to NaN or infinite values (the gradients of the "
+                      "explained output are too large for the model's dtype); explain it in float32 or float64")
+
+
+def _is_op_overflow(error: ValueError) -> bool:
+    """The relfast ops' own refusal of non-finite or overflowing values (see csrc/checks.cpp)."""
+    message = str(error)
+    return message.startswith("relfast.") and not message.startswith("relfast.Explainer") and (
+        "the result overflowed" in message or "must be finite" in message)
 
 
 def _device(call: ModelCall):

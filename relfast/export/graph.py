@@ -7,7 +7,8 @@ resulting ``torch.fx.GraphModule`` takes the model inputs and a target and retur
 ``(logits, relevance, explained_target)``; see ``relfast.export.onnx`` and ``relfast.export.torchscript``.
 """
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -16,6 +17,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from .. import reference
 from ..explain.explainer import Explainer
+from ..explain.methods import ATTENTION_METHODS
 from ..explain.targets import Targets
 
 OUTPUT_NAMES = ("logits", "relevance", "explained_target")
@@ -51,6 +53,33 @@ class TracedExplanation:
         return [entry["name"] for entry in self.spec["inputs"]] + [TARGET_NAME]
 
 
+def checked_path(path: Union[str, Path], suffix: str, writer: str) -> Path:
+    """The file an exporter will write, checked before any tracing: not a folder, and with the
+    format's suffix (``suffix`` ".onnx"; None: any suffix but ".onnx")."""
+    where = f"relfast.export.{writer}: argument 'path'"
+    if not isinstance(path, (str, Path)):
+        raise ValueError(f"{where} must be a file path (str or pathlib.Path), got {type(path).__name__}")
+    path = Path(path)
+    example = "model" + (suffix or ".pt")
+    if path.is_dir() or str(path).endswith(("/", "\\")):
+        raise ValueError(f"{where} is a folder ({path}); give the file to write, e.g. {path / example}")
+    if suffix and path.suffix.lower() != suffix:
+        raise ValueError(f"{where} must end in {suffix}, got '{path.name}'")
+    if not suffix and path.suffix.lower() in (".onnx", ""):
+        raise ValueError(f"{where} must name a TorchScript file such as {example}, got '{path.name}'"
+                         + (" (.onnx is what relfast.export.to_onnx writes)" if path.suffix else ""))
+    return path
+
+
+def check_flags(writer: str, **flags: Any) -> None:
+    """Boolean options (None allowed where the option has an automatic default)."""
+    for name, value in flags.items():
+        if not (isinstance(value, bool) or (value is None and name == "dynamic_sequence")):
+            raise ValueError(f"relfast.export.{writer}: argument '{name}' must be True or False"
+                             + (" (or None: automatic)" if name == "dynamic_sequence" else "")
+                             + f", got {value!r}")
+
+
 def _named_inputs(explainer: Explainer, example_inputs: Any) -> Dict[str, Tensor]:
     vision = explainer.layout.is_vision
     if isinstance(example_inputs, Tensor):
@@ -70,7 +99,16 @@ def _trace_batch(named: Dict[str, Tensor]) -> int:
     return next(b for b in range(2, 64) if b not in other_sizes)
 
 
+# Methods whose exported file matches the eager explainer (tests/test_export.py). The plain-LRP
+# baselines trace too, but ONNX Runtime's float32 arithmetic moves their safe divisions by up to a
+# few percent of the map.
+EXPORTABLE_METHODS = ATTENTION_METHODS + ("transformer_attribution",)
+
+
 def _check_exportable(explainer: Explainer, named: Dict[str, Tensor], dynamic_sequence: bool) -> None:
+    if explainer.method not in EXPORTABLE_METHODS:
+        raise ValueError(f"relfast.export: method {explainer.method!r} is not exportable yet; exportable: "
+                         f"{', '.join(EXPORTABLE_METHODS)}")
     if explainer.family.needs_callable_target:
         raise ValueError(f"relfast.export: the {type(explainer.model).__name__} model has no classification head; "
                          "its explanations need a callable target, which an exported graph cannot take")
@@ -121,6 +159,14 @@ def trace(explainer: Explainer, example_inputs: Any, *, decompose: bool, dynamic
         raise ValueError("relfast.export: 'dynamic_sequence' applies to text models; a vision model's number of "
                          "tokens is fixed by its image size")
     _check_exportable(explainer, named, dynamic_sequence)
+    # The example's values as the explainer checks a call's (finite, within range, token ids in
+    # the vocabulary); the traced graph itself reads no values.
+    try:
+        explainer.family.check_values(explainer.family.parse(example_inputs if isinstance(example_inputs, Tensor)
+                                                              else named))
+    except ValueError as error:
+        raise ValueError(f"relfast.export: argument 'example_inputs' is not a valid input of the explainer ({error})") \
+            from None
     names = list(named)
     example_batch = next(iter(named.values())).shape[0]
     batch = _trace_batch(named) if dynamic_batch else example_batch

@@ -8,8 +8,9 @@ import torch
 
 from ..explain.explainer import Explainer
 from ..runtime import METADATA_KEY  # the runtime reads what this writes (it imports no torch)
-from .graph import BATCH, OUTPUT_NAMES, SEQUENCE, trace
+from .graph import BATCH, OUTPUT_NAMES, SEQUENCE, check_flags, checked_path, trace
 
+MIN_OPSET = 18  # torch.onnx's exporter writes opset 18 or newer (older requests are converted, often failing)
 
 
 def to_onnx(explainer: Explainer, example_inputs: Any, path: Union[str, Path], *, dynamic_batch: bool = True,
@@ -29,10 +30,10 @@ def to_onnx(explainer: Explainer, example_inputs: Any, path: Union[str, Path], *
         explainer: a ``relfast.Explainer`` (method ``generic``, ``rollout``, ``raw_attention`` or
             ``attn_gradcam``; ``full_matrix`` and ``aggregate`` are kept).
         example_inputs: a tensor or a dict of tensors as the explainer takes them; any batch size.
-        path: the .onnx file to write.
+        path: the .onnx file to write (its folder is created if missing).
         dynamic_batch: the batch size is free (default); else fixed to the example's.
         dynamic_sequence: text models: the sequence length is free (default for text).
-        opset_version: ONNX opset (default: the exporter's).
+        opset_version: ONNX opset, >= 18 (default: the exporter's).
         check: run ``onnx.checker`` on the written file.
 
     Returns:
@@ -40,6 +41,12 @@ def to_onnx(explainer: Explainer, example_inputs: Any, path: Union[str, Path], *
     """
     import onnx
 
+    path = checked_path(path, ".onnx", "to_onnx")
+    check_flags("to_onnx", dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence, check=check)
+    if opset_version is not None and (isinstance(opset_version, bool) or not isinstance(opset_version, int)
+                                      or opset_version < MIN_OPSET):
+        raise ValueError(f"relfast.export.to_onnx: argument 'opset_version' must be an int >= {MIN_OPSET} (the "
+                         f"exporter's oldest opset) or None, got {opset_version!r}")
     traced = trace(explainer, example_inputs, decompose=True, dynamic_batch=dynamic_batch,
                    dynamic_sequence=dynamic_sequence)
     dims = {BATCH: torch.export.Dim(BATCH, min=1), SEQUENCE: torch.export.Dim(SEQUENCE, min=2)}
@@ -49,7 +56,6 @@ def to_onnx(explainer: Explainer, example_inputs: Any, path: Union[str, Path], *
 
     dynamic_shapes = [dynamic(entry["shape"]) for entry in traced.spec["inputs"]]
     dynamic_shapes.append(dynamic(traced.spec["target"]["shape"]))
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     traced.graph.eval()  # the graph has no training behaviour; this silences the exporter's warning
     with warnings.catch_warnings():

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from ..explain.explainer import Explainer
-from .graph import BATCH, SEQUENCE, trace
+from ..limits import MAX_ABS_FLOAT_INPUT
+from .graph import BATCH, SEQUENCE, check_flags, checked_path, trace
 
 # Dynamic dimensions in the scripted checks: a negative id; every input shares its size.
 _DIM_IDS = {BATCH: -1, SEQUENCE: -2}
@@ -36,9 +37,9 @@ def _shape_text(shape: List[int]) -> str:
 
 
 def check_inputs(inputs: List[Tensor], names: List[str], dtypes: List[str], shapes: List[List[int]],
-                 num_classes: int) -> None:
+                 num_classes: int, max_abs: float) -> None:
     """Scripted checks of the inputs, the target last: dtype, rank, fixed sizes, the dynamic sizes
-    (batch, sequence) they share, finite floats, and target classes in [-1, num_classes)."""
+    (batch, sequence) they share, finite floats within ``max_abs``, and target classes in [-1, num_classes)."""
     sizes = [-1, -1]  # the dynamic sizes seen so far (-1 = none yet)
     for k in range(len(inputs)):
         x, shape = inputs[k], shapes[k]
@@ -61,6 +62,9 @@ def check_inputs(inputs: List[Tensor], names: List[str], dtypes: List[str], shap
             raise ValueError(where + " holds an empty batch; there is nothing to explain")
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise ValueError(where + " holds NaN or infinite values")
+        if x.is_floating_point() and x.numel() > 0 and float(x.abs().max()) > max_abs:
+            raise ValueError(where + " holds a value of magnitude {}; float inputs must lie within +-{} (normalised "
+                             "pixels or embeddings are of order 1)".format(float(x.abs().max()), int(max_abs)))
     target = inputs[-1]
     if target.numel() > 0:
         low, high = int(target.min()), int(target.max())
@@ -91,6 +95,8 @@ def to_torchscript(explainer: Explainer, example_inputs: Any, path: Union[str, P
     ``relfast_spec`` attribute (JSON string), and the parts C++ needs as ``relfast_input_names``,
     ``relfast_num_prefix_tokens`` and ``relfast_patch_grid`` (empty for text models).
     """
+    path = checked_path(path, None, "to_torchscript")
+    check_flags("to_torchscript", dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence)
     traced = trace(explainer, example_inputs, decompose=False, dynamic_batch=dynamic_batch,
                    dynamic_sequence=dynamic_sequence)
     graph = traced.graph
@@ -106,7 +112,8 @@ def to_torchscript(explainer: Explainer, example_inputs: Any, path: Union[str, P
     with graph.graph.inserting_after(resolved):
         graph.graph.call_function(check_inputs, (nodes[:-1] + [resolved], [e["name"] for e in entries],
                                                  [e["dtype"] for e in entries],
-                                                 [_script_shape(e["shape"]) for e in entries], spec["num_classes"]))
+                                                 [_script_shape(e["shape"]) for e in entries], spec["num_classes"],
+                                                 MAX_ABS_FLOAT_INPUT))
     # The weights become buffers detached from the user's parameters: the backward is explicit ops
     # in the graph, so autograd has nothing to record when the file runs.
     for name, value in list(graph.named_parameters(recurse=False)):
@@ -132,7 +139,6 @@ def to_torchscript(explainer: Explainer, example_inputs: Any, path: Union[str, P
         # about torch.fx.GraphModule's own __init__, which is not scripted
         warnings.filterwarnings("ignore", message="The TorchScript type system doesn't support instance-level")
         scripted = torch.jit.script(graph)
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     scripted.save(str(path))
     return path

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple, Type
 import torch
 from torch import Tensor
 
+from ...limits import MAX_ABS_FLOAT_INPUT
 from ..layout import TokenLayout
 
 _FAMILIES: List[Type["Family"]] = []
@@ -99,11 +100,19 @@ class Family:
         raise NotImplementedError
 
     def check_values(self, call: ModelCall) -> None:
-        """Checks that read the inputs' values (before any work): floating-point inputs finite."""
+        """Checks that read the inputs' values (before any work): floating-point inputs finite and
+        within ``MAX_ABS_FLOAT_INPUT`` (the bound the ONNX runtime applies too)."""
         named = list(call.kwargs.items()) + [(f"inputs[{i}]", a) for i, a in enumerate(call.args)]
         for name, value in named:
-            if isinstance(value, Tensor) and value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+            if not isinstance(value, Tensor) or not value.dtype.is_floating_point or value.numel() == 0:
+                continue
+            if not bool(torch.isfinite(value).all()):
                 raise ValueError(f"relfast.Explainer: argument 'inputs' ('{name}') holds NaN or infinite values")
+            largest = float(value.detach().abs().max())
+            if largest > MAX_ABS_FLOAT_INPUT:
+                raise ValueError(f"relfast.Explainer: argument 'inputs' ('{name}') holds a value of magnitude "
+                                 f"{largest:.3g}; float inputs must lie within ±{MAX_ABS_FLOAT_INPUT:g} (normalised "
+                                 "pixels or embeddings are of order 1; far larger ones overflow inside the model)")
 
     def forward(self, call: ModelCall, output_attentions: bool) -> Tuple[Any, Optional[List[Tensor]]]:
         """Runs the model: (its output, the attention probabilities if ``output_attentions``)."""

@@ -4,20 +4,20 @@ from typing import Dict, Type
 from .attn_gradcam import AttnGradCAM
 from .base import Method, Run
 from .generic import Generic
+from .lrp import Lrp, PartialLrp, TransformerAttribution
 from .raw_attention import RawAttention
 from .rollout import Rollout
 
-METHOD_CLASSES: Dict[str, Type[Method]] = {cls.name: cls for cls in (Generic, Rollout, RawAttention, AttnGradCAM)}
+METHOD_CLASSES: Dict[str, Type[Method]] = {cls.name: cls for cls in (Generic, Rollout, RawAttention, AttnGradCAM,
+                                                                      TransformerAttribution, PartialLrp, Lrp)}
 METHODS = tuple(METHOD_CLASSES)
-NOT_YET = ("transformer_attribution", "lrp", "partial_lrp")
+# Methods that read the attention maps and their gradients only (no relevance pass).
+ATTENTION_METHODS = tuple(name for name, cls in METHOD_CLASSES.items() if not cls.uses_relevance_pass)
 
 
 def make_method(name: str, **options) -> Method:
     """The method ``name`` with ``options``; an option the method does not take is an error
     (options left at None are not given)."""
-    if name in NOT_YET:
-        raise NotImplementedError(f"relfast.Explainer: method '{name}' is not implemented yet (it comes with the "
-                                  f"LRP-based methods); available: {', '.join(METHODS)}")
     if name not in METHOD_CLASSES:
         raise ValueError(f"relfast.Explainer: argument 'method' must be one of {', '.join(METHODS)}, got {name!r}")
     cls = METHOD_CLASSES[name]
@@ -30,4 +30,4 @@ def make_method(name: str, **options) -> Method:
     return cls(**given)
 
 
-__all__ = ["Method", "Run", "METHODS", "METHOD_CLASSES", "NOT_YET", "make_method"]
+__all__ = ["Method", "Run", "METHODS", "ATTENTION_METHODS", "METHOD_CLASSES", "make_method"]

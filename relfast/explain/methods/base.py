@@ -5,7 +5,7 @@ order (``relfast.explain.capture``), the explained token of each sample, the tar
 backward that hands it each site's attention gradient as soon as autograd produces it.
 """
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -13,6 +13,9 @@ from torch import Tensor
 from ..capture import AttentionRecord
 from ..layout import TokenLayout
 from ..targets import Targets
+
+if TYPE_CHECKING:
+    from ..lrp import RelevancePass
 
 
 @dataclass
@@ -27,6 +30,8 @@ class Run:
         scores: (B, C) what the target indexes (in the graph when gradients are on).
         explained: (B,) / (B, K) classes explained, or None (callable target).
         targets: the parsed target.
+        relevance_pass: for methods built on LRP, the call's relevance pass
+            (``relfast.explain.lrp``), which runs its own forward on first use.
     """
 
     records: List[AttentionRecord]
@@ -36,6 +41,7 @@ class Run:
     scores: Tensor
     explained: Optional[Tensor]
     targets: Targets
+    relevance_pass: Optional["RelevancePass"] = None  # methods with uses_relevance_pass: the LRP pass
 
     @property
     def batch(self) -> int:
@@ -98,6 +104,9 @@ class Method:
 
     name = "?"
     needs_gradients = True
+    uses_relevance_pass = False  # the session then gives the Run a relevance pass
+    conserve = False  # its rules: the CVPR method's (True) or plain LRP's
+    pixel_level = False  # images: relevance over the input's pixels (B, H, W) instead of tokens
     option_defaults: Dict[str, object] = {}
 
     def __init__(self, **options):

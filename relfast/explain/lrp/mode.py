@@ -1,0 +1,223 @@
+"""The relevance forward: a ``TorchFunctionMode`` that runs the user's model with every op on
+activations replaced by its [P1] rule (``rules.py``), so that one backward from the one-hot
+target yields relevance instead of gradients.
+
+Nothing of the model changes: the mode lives for one forward on the calling thread, parameters
+reach the ops detached, and the rule functions compute exactly what the replaced ops compute.
+``scaled_dot_product_attention`` and ``nn.MultiheadAttention`` are written out as their two
+matmuls and softmax, so their attention map exists and its relevance ``R_A`` can be read. Every
+attention map (a softmax over the last dimension of a 4-D tensor) is recorded, in forward order.
+
+An op with activations in and out and no rule (and that is not a pure data move) would carry
+gradients where relevance belongs: it is collected in ``unsupported`` and the forward refused.
+"""
+import inspect
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from ..capture.mode import _bind_sdpa, _detached, training_error
+from ..capture.records import attention_bias, expand_groups, group_size, sdpa_scale
+from .rules import AddRule, Conv2dRule, LinearRule, MatMulRule, MeanRule, dims_of, pass_through
+
+T = torch.Tensor
+_SOFTMAX = {torch.softmax, F.softmax, T.softmax, torch.special.softmax}
+_PASS_THROUGH = {F.layer_norm, F.group_norm, F.gelu, F.relu, F.silu, F.tanh, torch.tanh, T.tanh, F.dropout,
+                 torch.dropout, T.relu, torch.relu, F.rms_norm}
+_MATMUL = {torch.matmul, T.matmul, T.__matmul__, torch.bmm, T.bmm}
+_ADD = {torch.add, T.add, T.__add__, T.__radd__, T.__iadd__}
+_SCALE = {torch.mul, T.mul, T.__mul__, T.__rmul__, T.__imul__, torch.div, T.div, T.__truediv__, T.__itruediv__}
+_MEAN = {torch.mean, T.mean}
+_OUT_OF_PLACE = {T.__imul__: torch.mul, T.__itruediv__: torch.div, T.__mul__: torch.mul, T.__rmul__: torch.mul,
+                 T.mul: torch.mul, T.__truediv__: torch.div, T.div: torch.div}
+# Ops that only move, copy or re-type values: autograd's own backward routes relevance as it
+# routed the values (indexing, views, concatenation, expansion; a masked_fill drops the filled).
+_DATA_MOVES = {
+    T.__getitem__, T.view, T.view_as, T.reshape, T.reshape_as, torch.reshape, T.permute, torch.permute, T.transpose,
+    torch.transpose, T.contiguous, T.flatten, torch.flatten, T.unflatten, torch.cat, torch.concat, torch.stack,
+    T.split, torch.split, T.chunk, torch.chunk, T.unbind, torch.unbind, T.squeeze, torch.squeeze, T.unsqueeze,
+    torch.unsqueeze, T.expand, T.expand_as, T.repeat, T.narrow, torch.narrow, T.select, torch.select, T.clone,
+    torch.clone, T.to, T.float, T.double, T.half, T.bfloat16, T.type_as, T.movedim, torch.movedim, T.index_select,
+    torch.index_select, T.masked_fill, torch.masked_fill, T.__setstate__, T.mT.__get__, T.T.__get__,
+    T.requires_grad_, T.detach, T.type,
+}
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+def _graph(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.requires_grad
+
+
+class RelevanceCapture(TorchFunctionMode):
+    """One relevance forward. ``conserve``: the CVPR method's rules (matmul relevance halved, Eq. 9
+    on sums); False: plain LRP.
+
+    Attributes:
+        attention: the attention maps (B, H, N_q, N_k) of the forward, in order (graph tensors).
+        embeddings: (indices, leaf) of each embedding lookup, whose outputs start the graph.
+        unsupported: names of ops on activations that have no rule.
+    """
+
+    def __init__(self, conserve: bool):
+        super().__init__()
+        self.conserve = conserve
+        self.attention: List[Tensor] = []
+        self.embeddings: List[Tuple[Tensor, Tensor]] = []
+        self.unsupported: List[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        args = tuple(_detached(a) for a in args)
+        kwargs = {k: _detached(v) for k, v in kwargs.items()}
+        if func is F.scaled_dot_product_attention:
+            return self._sdpa(**_bind_sdpa(args, kwargs))
+        if func is F.multi_head_attention_forward:
+            return self._multi_head(args, kwargs)
+        if any(_graph(a) for a in args) or any(_graph(v) for v in kwargs.values()):
+            handled, result = self._rule(func, args, kwargs)
+            if handled:
+                return result
+        if func is T.__setitem__ and any(_graph(a) for a in args):
+            self.unsupported.append("Tensor.__setitem__ (writing into an activation)")
+        result = func(*args, **kwargs)
+        if func is F.embedding and isinstance(result, Tensor) and result.dtype.is_floating_point:
+            result.requires_grad_()
+            self.embeddings.append((args[0] if args else kwargs["input"], result))
+        elif _graph(result) and func not in _DATA_MOVES:
+            self.unsupported.append(_op_name(func))
+        return result
+
+    # ---- the rules ----
+
+    def _rule(self, func, args: Tuple, kwargs: Dict[str, Any]) -> Tuple[bool, Any]:
+        if func is F.linear:
+            x, weight, bias = _params(args, kwargs, ("input", "weight", "bias"))
+            return True, LinearRule.apply(x, weight, bias)
+        if func is F.conv2d:
+            return True, self._conv2d(*args, **kwargs)
+        if func in _PASS_THROUGH:
+            if func in (F.dropout, torch.dropout) and _dropout_active(func, args, kwargs):
+                raise training_error("dropout")
+            return True, pass_through(lambda x: func(x, *args[1:], **kwargs), args[0])
+        if func in _SOFTMAX:
+            probabilities = pass_through(lambda x: func(x, *args[1:], **kwargs), args[0])
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            if probabilities.dim() == 4 and dim in (-1, 3):
+                self.attention.append(probabilities)
+            return True, probabilities
+        if func in _MATMUL:
+            u, v = args[0], kwargs.get("other", args[1] if len(args) > 1 else None)
+            if _graph(u) and _graph(v):
+                return True, MatMulRule.apply(u, v, self.conserve)
+            return False, None  # a product with a constant matrix: no rule (refused after the call)
+        if func in _ADD:
+            if kwargs.get("alpha", 1) != 1 or len(args) > 2:
+                return False, None
+            u, v = args[0], kwargs.get("other", args[1] if len(args) > 1 else None)
+            if not isinstance(v, Tensor):  # + a Python number: a shift, relevance passes
+                return True, pass_through(lambda x: torch.add(x, v), u)
+            if not isinstance(u, Tensor):
+                return True, pass_through(lambda x: torch.add(x, u), v)
+            if not _graph(u):
+                u, v = v, u
+            return True, AddRule.apply(u, v, self.conserve)
+        if func in _SCALE:
+            x, c = args[0], kwargs.get("other", args[1] if len(args) > 1 else None)
+            compute = _OUT_OF_PLACE.get(func, func)  # in place, the rule's forward would edit its own input
+            options = {k: v for k, v in kwargs.items() if k != "other"}
+            if _graph(x) and not _graph(c):
+                return True, pass_through(lambda t: compute(t, c, **options), x)
+            if compute is torch.mul and _graph(c) and not _graph(x):
+                return True, pass_through(lambda t: torch.mul(x, t), c)
+            return False, None  # a product of two activations, or a division by one: no rule
+        if func in _MEAN:
+            x = args[0]
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+            if "dtype" in kwargs:
+                return False, None
+            return True, MeanRule.apply(x, dims_of(dim, x.dim()), bool(keepdim))
+        return False, None
+
+    def _conv2d(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        if isinstance(padding, str):
+            if padding != "valid":
+                self.unsupported.append(f"conv2d(padding={padding!r})")
+                return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+            padding = 0
+        return Conv2dRule.apply(input, weight, bias, stride, padding, dilation, groups)
+
+    def _attention(self, query: Tensor, key: Tensor, value: Tensor, bias: Optional[Tensor], scale: float) -> Tensor:
+        """softmax(q·kᵀ·scale + bias)·v with the matmul rule on both products; the map is recorded.
+        The mask bias is a constant added to the scores: relevance passes it unchanged."""
+        scores = MatMulRule.apply(query, key.transpose(-2, -1), self.conserve)
+        logits = pass_through(lambda s: s * scale if bias is None else s * scale + bias, scores)
+        probabilities = pass_through(lambda s: torch.softmax(s, dim=-1), logits)
+        self.attention.append(probabilities)
+        return MatMulRule.apply(probabilities, value, self.conserve)
+
+    def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if dropout_p > 0:
+            raise training_error("scaled_dot_product_attention")
+        repeats = group_size(query, key, enable_gqa)
+        bias = attention_bias(attn_mask, is_causal, query.shape[-2], key.shape[-2], query.dtype, query.device)
+        return self._attention(query, expand_groups(key, repeats), expand_groups(value, repeats), bias,
+                               sdpa_scale(query, scale))
+
+    def _multi_head(self, args: Tuple, kwargs: Dict[str, Any]):
+        """Self-attention of ``nn.MultiheadAttention`` (packed in-projection, no extra masks or
+        biases: what torchvision's ViT uses), written out with the rules."""
+        call = _MHA_SIGNATURE.bind(*args, **kwargs)
+        call.apply_defaults()
+        a = call.arguments
+        if a["training"] and a["dropout_p"] > 0:
+            raise training_error("nn.MultiheadAttention")
+        query = a["query"]
+        extras = [name for name in ("bias_k", "bias_v", "key_padding_mask", "attn_mask", "static_k", "static_v")
+                  if a[name] is not None] + [name for name in ("add_zero_attn", "use_separate_proj_weight", "is_causal")
+                                             if a[name]]
+        if extras or query.dim() != 3 or not (a["key"] is query and a["value"] is query):
+            self.unsupported.append("multi_head_attention_forward(" + (", ".join(extras) or "cross-attention") + ")")
+            return F.multi_head_attention_forward(*args, **kwargs)
+        length, batch, width = query.shape
+        heads = a["num_heads"]
+        q, k, v = LinearRule.apply(query, a["in_proj_weight"], a["in_proj_bias"]).chunk(3, dim=-1)
+
+        def split(t):  # (L, B, E) -> (B, H, L, d)
+            return t.reshape(length, batch, heads, width // heads).permute(1, 2, 0, 3)
+
+        out = self._attention(split(q), split(k), split(v), None, (width // heads) ** -0.5)
+        out = LinearRule.apply(out.permute(2, 0, 1, 3).reshape(length, batch, width), a["out_proj_weight"],
+                               a["out_proj_bias"])
+        if not a["need_weights"]:
+            return out, None
+        weights = self.attention[-1].detach()
+        return out, weights.mean(dim=1) if a["average_attn_weights"] else weights
+
+
+def _op_name(func) -> str:
+    name = getattr(func, "__name__", None) or repr(func)
+    qualname = getattr(func, "__qualname__", "")
+    if qualname.startswith(("TensorBase.", "Tensor.")):
+        return "Tensor." + name
+    module = getattr(func, "__module__", None) or ""
+    return ("torch.nn.functional." if module.startswith("torch.nn.functional") else "torch.") + name
+
+
+def _params(args: Tuple, kwargs: Dict[str, Any], names: Tuple[str, ...]) -> List[Any]:
+    values = list(args) + [None] * (len(names) - len(args))
+    for i, name in enumerate(names):
+        if name in kwargs:
+            values[i] = kwargs[name]
+    return values
+
+
+def _dropout_active(func, args: Tuple, kwargs: Dict[str, Any]) -> bool:
+    names = ("input", "p", "training", "inplace") if func is F.dropout else ("input", "p", "train")
+    values = _params(args, kwargs, names)
+    p = values[1] if values[1] is not None else 0.5
+    training = values[2] if values[2] is not None else func is F.dropout
+    return bool(training) and p > 0
