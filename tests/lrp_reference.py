@@ -156,3 +156,146 @@ def hf_vit_relevance(model, pixels, target, method, start_layer=1):
         R_e0, _ = sum_relevance(e0, pos, R, conserve)
         R_tokens = R_e0[len(specials):].T.reshape(D, *tokens.shape[1:])
         return conv_patch_relevance(pixels, conv.weight, patch, R_tokens).sum(dim=0)
+
+
+# ---- shared encoder-block propagation (pre-LN ViT-style and post-LN BERT-style) ----
+
+def attention_forward(h, q_lin, k_lin, v_lin, heads, mask_bias=None):
+    D = h.shape[-1]
+    q, k, v = (F.linear(h, m.weight, m.bias).reshape(-1, heads, D // heads).transpose(0, 1) for m in (q_lin, k_lin, v_lin))
+    scores = q @ k.transpose(-1, -2) / (D // heads) ** 0.5
+    A = torch.softmax(scores if mask_bias is None else scores + mask_bias, dim=-1)
+    A.retain_grad()
+    return dict(h=h, q=q, k=k, v=v, A=A, ctx=(A @ v).transpose(0, 1).reshape(-1, D))
+
+
+def attention_relevance(s, q_w, k_w, v_w, R_ctx, heads, conserve):
+    """From the relevance of the heads' concatenated output to (R of h, R_A)."""
+    D = s["h"].shape[-1]
+    R_ctx = R_ctx.reshape(-1, heads, D // heads).transpose(0, 1)
+    R_A, R_v = product_relevance(s["A"], s["v"], R_ctx, conserve)
+    R_q, R_kT = product_relevance(s["q"], s["k"].transpose(-1, -2), R_A, conserve)
+    R_h = sum(linear_relevance(s["h"], w, r.transpose(0, 1).reshape(-1, D))
+              for w, r in ((q_w, R_q), (k_w, R_kT.transpose(-1, -2)), (v_w, R_v)))
+    return R_h, R_A
+
+
+def attribution(gradients, attention_relevance_per_layer, start_layer, n, dtype):
+    C = torch.eye(n, dtype=dtype)
+    for l in range(start_layer % len(gradients), len(gradients)):
+        Abar = (gradients[l] * attention_relevance_per_layer[l]).clamp(min=0).mean(dim=0)
+        C = (torch.eye(n, dtype=dtype) + Abar) @ C
+    return C[0]
+
+
+# ---- HF BERT-family classifier (BERT) ----
+
+def hf_bert_relevance(model, input_ids, target, method, start_layer=1):
+    """One unpadded sequence (N,) of an HF BertForSequenceClassification (float64): the CLS-row map
+    (transformer_attribution, partial_lrp) or the word embeddings' relevance (lrp)."""
+    conserve = method == "transformer_attribution"
+    bert, heads = model.bert, model.config.num_attention_heads
+    emb = bert.embeddings
+    n = input_ids.shape[0]
+    word = emb.word_embeddings.weight[input_ids]
+    kind = emb.token_type_embeddings.weight[torch.zeros(n, dtype=torch.long)]
+    position = emb.position_embeddings.weight[:n]
+    e1 = word + kind
+    x = layer_norm(e1 + position, emb.LayerNorm)
+    saved = []
+    for layer in bert.encoder.layer:
+        a = attention_forward(x, layer.attention.self.query, layer.attention.self.key, layer.attention.self.value, heads)
+        o = F.linear(a["ctx"], layer.attention.output.dense.weight, layer.attention.output.dense.bias)
+        x1 = layer_norm(o + x, layer.attention.output.LayerNorm)
+        i = F.gelu(F.linear(x1, layer.intermediate.dense.weight, layer.intermediate.dense.bias))
+        m = F.linear(i, layer.output.dense.weight, layer.output.dense.bias)
+        saved.append(dict(a, x=x, o=o, x1=x1, i=i, m=m))
+        x = layer_norm(m + x1, layer.output.LayerNorm)
+    pooled = torch.tanh(F.linear(x[0], bert.pooler.dense.weight, bert.pooler.dense.bias))
+    logits = F.linear(pooled, model.classifier.weight, model.classifier.bias)
+    gradients = None
+    if method == "transformer_attribution":
+        logits[target].backward()
+        gradients = [s["A"].grad for s in saved]
+    with torch.no_grad():
+        R_logits = torch.zeros_like(logits)
+        R_logits[target] = 1
+        R_pooled = linear_relevance(pooled, model.classifier.weight, R_logits)  # through the dropout
+        R = torch.zeros_like(x)
+        R[0] = linear_relevance(x[0], bert.pooler.dense.weight, R_pooled)  # through tanh
+        per_layer = [None] * len(saved)
+        for l in reversed(range(len(saved))):
+            s, layer = saved[l], bert.encoder.layer[l]
+            R_m, R_x1 = sum_relevance(s["m"], s["x1"], R, conserve)  # through output.LayerNorm
+            R_i = linear_relevance(s["i"], layer.output.dense.weight, R_m)
+            R_x1 = R_x1 + linear_relevance(s["x1"], layer.intermediate.dense.weight, R_i)
+            R_o, R_x = sum_relevance(s["o"], s["x"], R_x1, conserve)  # through attention.output.LayerNorm
+            R_ctx = linear_relevance(s["ctx"], layer.attention.output.dense.weight, R_o)
+            att = layer.attention.self
+            R_h, per_layer[l] = attention_relevance(s, att.query.weight, att.key.weight, att.value.weight, R_ctx, heads,
+                                                    conserve)
+            R = R_x + R_h
+        if method == "partial_lrp":
+            return per_layer[-1].clamp(min=0).mean(dim=0)[0]
+        if method == "transformer_attribution":
+            return attribution(gradients, per_layer, start_layer, n, x.dtype)
+        R_e1, _ = sum_relevance(e1, position, R, conserve)  # through the embeddings' LayerNorm
+        R_word, _ = sum_relevance(word, kind, R_e1, conserve)
+        return R_word.sum(dim=-1)
+
+
+# ---- timm VisionTransformer (class token, no register tokens) ----
+
+def timm_vit_relevance(model, pixels, target, method, start_layer=1):
+    conserve = method == "transformer_attribution"
+    heads = model.blocks[0].attn.num_heads
+    conv = model.patch_embed.proj
+    patch = conv.kernel_size[0]
+    pixels = pixels.detach()
+    tokens = F.conv2d(pixels[None], conv.weight, conv.bias, stride=patch)[0]
+    D = tokens.shape[0]
+    e0 = torch.cat([model.cls_token[0], tokens.flatten(1).T])
+    pos = model.pos_embed[0]
+    x = e0 + pos
+    saved = []
+    for block in model.blocks:
+        h = layer_norm(x, block.norm1)
+        W, b = block.attn.qkv.weight, block.attn.qkv.bias
+        lin = [torch.nn.Linear(D, D).double() for _ in range(3)]
+        for j, m in enumerate(lin):  # the fused qkv projection, split into its three parts
+            m.weight.data, m.bias.data = W[j * D:(j + 1) * D].detach(), b[j * D:(j + 1) * D].detach()
+        a = attention_forward(h, *lin, heads)
+        o = F.linear(a["ctx"], block.attn.proj.weight, block.attn.proj.bias)
+        x1 = x + o
+        h2 = layer_norm(x1, block.norm2)
+        i = F.gelu(F.linear(h2, block.mlp.fc1.weight, block.mlp.fc1.bias))
+        m = F.linear(i, block.mlp.fc2.weight, block.mlp.fc2.bias)
+        saved.append(dict(a, x=x, o=o, x1=x1, h2=h2, i=i, m=m, qkv=[l.weight for l in lin]))
+        x = x1 + m
+    final = layer_norm(x, model.norm)
+    logits = F.linear(final[0], model.head.weight, model.head.bias)
+    gradients = None
+    if method == "transformer_attribution":
+        logits[target].backward()
+        gradients = [s["A"].grad for s in saved]
+    with torch.no_grad():
+        R_logits = torch.zeros_like(logits)
+        R_logits[target] = 1
+        R = torch.zeros_like(final)
+        R[0] = linear_relevance(final[0], model.head.weight, R_logits)
+        per_layer = [None] * len(saved)
+        for l in reversed(range(len(saved))):
+            s, block = saved[l], model.blocks[l]
+            R_x1, R_m = sum_relevance(s["x1"], s["m"], R, conserve)
+            R_i = linear_relevance(s["i"], block.mlp.fc2.weight, R_m)
+            R_x1 = R_x1 + linear_relevance(s["h2"], block.mlp.fc1.weight, R_i)
+            R_x, R_o = sum_relevance(s["x"], s["o"], R_x1, conserve)
+            R_ctx = linear_relevance(s["ctx"], block.attn.proj.weight, R_o)
+            R_h, per_layer[l] = attention_relevance(s, *s["qkv"], R_ctx, heads, conserve)
+            R = R_x + R_h
+        if method == "partial_lrp":
+            return per_layer[-1].clamp(min=0).mean(dim=0)[0]
+        if method == "transformer_attribution":
+            return attribution(gradients, per_layer, start_layer, e0.shape[0], pixels.dtype)
+        R_e0, _ = sum_relevance(e0, pos, R, conserve)
+        return conv_patch_relevance(pixels, conv.weight, patch, R_e0[1:].T.reshape(D, *tokens.shape[1:])).sum(dim=0)

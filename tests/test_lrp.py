@@ -10,7 +10,7 @@ import relfast
 from relfast.explain.lrp import RelevanceCapture, rules
 
 import engine_models as em
-from lrp_reference import hf_vit_relevance
+from lrp_reference import hf_bert_relevance, hf_vit_relevance, timm_vit_relevance
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -33,12 +33,6 @@ def deit(teacher=False):
     return cls(config)
 
 
-# name -> (model, tolerance). HF's eager attention runs its softmax in float32 even in a float64
-# model, so its maps agree with the float64 reference to float32 rounding only.
-HF_VISION = {"vit-sdpa": (vit, 1e-6), "vit-eager": (lambda: vit("eager"), 1e-3), "deit": (deit, 1e-6),
-             "deit-teacher": (lambda: deit(teacher=True), 1e-6)}
-
-
 def seeded_float64(build, seed=0):
     torch.manual_seed(seed)
     return build().double().eval()
@@ -48,20 +42,50 @@ def images(batch=3, seed=1):
     return torch.randn(batch, 3, em.IMAGE, em.IMAGE, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
 
+def bert_inputs(batch=3):
+    g = torch.Generator().manual_seed(3)
+    mask = torch.ones(batch, 7, dtype=torch.long)
+    mask[0, 5:] = 0  # a padded sample
+    return {"input_ids": torch.randint(1, em.VOCAB, (batch, 7), generator=g), "attention_mask": mask}
+
+
+def image_sample(model, inputs, b, target, method, reference):
+    return reference(model, inputs[b], target, method), slice(None)
+
+
+def text_sample(model, inputs, b, target, method, reference):
+    n = int(inputs["attention_mask"][b].sum())  # the sample alone, without its padding
+    return reference(model, inputs["input_ids"][b, :n], target, method), slice(0, n)
+
+
+# name -> (model, inputs, reference, how to cut a sample, tolerance). HF's eager attention runs
+# its softmax in float32 even in a float64 model: its maps agree to float32 rounding only.
+REFERENCES = {
+    "vit-sdpa": (vit, images, hf_vit_relevance, image_sample, 1e-6),
+    "vit-eager": (lambda: vit("eager"), images, hf_vit_relevance, image_sample, 1e-3),
+    "deit": (deit, images, hf_vit_relevance, image_sample, 1e-6),
+    "deit-teacher": (lambda: deit(teacher=True), images, hf_vit_relevance, image_sample, 1e-6),
+    "bert": (em.hf_bert, bert_inputs, hf_bert_relevance, text_sample, 1e-6),
+    "timm": (em.timm_vit, images, timm_vit_relevance, image_sample, 1e-6),
+}
+
+
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("name", sorted(HF_VISION))
+@pytest.mark.parametrize("name", sorted(REFERENCES))
 def test_batched_k_targets_equal_the_per_sample_reference(name, method):
-    build, tolerance = HF_VISION[name]
+    build, make_inputs, reference, one_sample, tolerance = REFERENCES[name]
     model = seeded_float64(build)
-    pixels = images()
-    out = relfast.Explainer(model, method)(pixels, target=TARGETS)
-    expected_shape = (3, 2, em.IMAGE, em.IMAGE) if method == "lrp" else (3, 2, out.layout.num_tokens)
-    assert tuple(out.relevance.shape) == expected_shape and out.pixel_level == (method == "lrp")
+    inputs = make_inputs()
+    out = relfast.Explainer(model, method)(inputs, target=TARGETS)
+    pixel_map = method == "lrp" and make_inputs is images
+    expected_shape = (3, 2, em.IMAGE, em.IMAGE) if pixel_map else (3, 2, out.relevance.shape[-1])
+    assert tuple(out.relevance.shape) == expected_shape and out.pixel_level == pixel_map
     for b in range(3):
         for k in range(2):
-            expected = hf_vit_relevance(model, pixels[b], int(TARGETS[b, k]), method)
-            got = out.relevance[b, k].double()
-            error = float((got - expected).abs().max() / expected.abs().max())
+            expected, tokens = one_sample(model, inputs, b, int(TARGETS[b, k]), method, reference)
+            got = out.relevance[b, k, ..., tokens].double() if not pixel_map else out.relevance[b, k].double()
+            # (a map can be all zero: partial LRP of a class the last layer gives no positive relevance)
+            error = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
             assert error <= tolerance, (b, k, error)
 
 
@@ -75,14 +99,21 @@ def test_transformer_attribution_start_layer(start_layer):
         torch.testing.assert_close(out.relevance[b].double(), expected, rtol=1e-6, atol=1e-9)
 
 
-def bert_inputs():
-    g = torch.Generator().manual_seed(3)
-    mask = torch.ones(3, 7, dtype=torch.long)
-    mask[0, 5:] = 0
-    return {"input_ids": torch.randint(1, em.VOCAB, (3, 7), generator=g), "attention_mask": mask}
+def roberta():
+    config = transformers.RobertaConfig(vocab_size=em.VOCAB, hidden_size=em.HIDDEN, num_hidden_layers=2,
+                                        num_attention_heads=em.HEADS, intermediate_size=64, num_labels=em.CLASSES,
+                                        max_position_embeddings=42, pad_token_id=1)
+    return transformers.RobertaForSequenceClassification(config)
 
 
-FAMILIES = {"hf-bert": (em.hf_bert, bert_inputs), "timm": (em.timm_vit, images),
+def distilbert():
+    config = transformers.DistilBertConfig(vocab_size=em.VOCAB, dim=em.HIDDEN, n_layers=2, n_heads=em.HEADS,
+                                           hidden_dim=64, max_position_embeddings=40, num_labels=em.CLASSES)
+    return transformers.DistilBertForSequenceClassification(config)
+
+
+FAMILIES = {"hf-bert": (em.hf_bert, bert_inputs), "roberta": (roberta, bert_inputs),
+            "distilbert": (distilbert, bert_inputs), "timm": (em.timm_vit, images),
             "torchvision": (em.torchvision_vit, images), "deit": (deit, images)}
 
 
@@ -275,3 +306,33 @@ def test_an_op_without_rule_is_named_and_the_model_left_untouched():
     assert not model._forward_hooks and not model._forward_pre_hooks
     # the generic rule needs no rule per op and explains it
     assert relfast.Explainer(model, layout=relfast.TokenLayout(prefix_tokens=1))(torch.randn(2, 5, 8)).relevance.shape == (2, 5)
+
+
+# ---- the generic rule "with LRP" ([P2] supplement §4) ----
+
+@pytest.mark.parametrize("name", ["vit-sdpa", "bert", "timm"])
+def test_generic_with_lrp_is_the_attribution_product_over_every_layer(name):
+    build, make_inputs, reference, one_sample, tolerance = REFERENCES[name]
+    model = seeded_float64(build)
+    inputs = make_inputs()
+    out = relfast.Explainer(model, "generic", use_lrp=True)(inputs, target=TARGETS)
+    for b in range(3):
+        for k in range(2):
+            expected, tokens = one_sample(model, inputs, b, int(TARGETS[b, k]), "transformer_attribution",
+                                          lambda *a: reference(*a, start_layer=0))
+            got = out.relevance[b, k, ..., tokens].double()
+            assert float((got - expected).abs().max() / expected.abs().max()) <= tolerance
+
+
+def test_generic_with_lrp_keeps_the_generic_options():
+    model = seeded_float64(vit)
+    pixels = images(batch=2)
+    full = relfast.Explainer(model, "generic", use_lrp=True, full_matrix=True)(pixels)
+    rows = relfast.Explainer(model, "generic", use_lrp=True)(pixels)
+    torch.testing.assert_close(full.relevance[:, 0], rows.relevance)
+    ablation = relfast.Explainer(model, "generic", use_lrp=True, aggregate=False)(pixels)
+    assert ablation.relevance.shape == rows.relevance.shape and not torch.allclose(ablation.relevance, rows.relevance)
+    with pytest.raises(ValueError, match="argument 'use_lrp' applies to method 'generic'"):
+        relfast.Explainer(model, "rollout", use_lrp=True)
+    with pytest.raises(ValueError, match="argument 'use_lrp' must be True or False"):
+        relfast.Explainer(model, "generic", use_lrp="yes")

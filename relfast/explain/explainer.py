@@ -75,20 +75,23 @@ class Explainer:
             evaluation uses the last layer, -1); negative counts from the end.
         aggregate: False gives the "w/o aggregation" ablation of the generic rule (``R ← Ā·R``).
         full_matrix: return all rows of R (token-level tasks) instead of the explained row.
+        use_lrp: the generic rule "with LRP" ([P2] supplement §4): heads averaged as in
+            transformer attribution, ``E_h[(∇A ⊙ R_A)^+]``, over every layer.
 
     Nothing of the model is changed, during or after a call; one explainer may be called from
     several threads at once.
     """
 
     def __init__(self, model: torch.nn.Module, method: str = "generic", *, layout: Optional[TokenLayout] = None,
-                 start_layer: Optional[int] = None, aggregate: bool = True, full_matrix: bool = False):
+                 start_layer: Optional[int] = None, aggregate: bool = True, full_matrix: bool = False,
+                 use_lrp: bool = False):
         if not aggregate and method != "generic":
             raise ValueError("relfast.Explainer: argument 'aggregate=False' is an ablation of method 'generic' only")
         if full_matrix and method not in ("generic", "rollout"):
             raise ValueError(f"relfast.Explainer: 'full_matrix=True' needs a method with a relevance matrix "
                              f"('generic' or 'rollout'), got {method!r}")
         self._method = make_method(method, start_layer=start_layer, aggregate=None if aggregate else False,
-                                   full_matrix=True if full_matrix else None)
+                                   full_matrix=True if full_matrix else None, use_lrp=use_lrp or None)
         self.model = model
         self.family: Family = family_for(model, layout)
         self.method = method

@@ -42,32 +42,30 @@ class Session:
             self.family.check_values(call)
         kind = self.family.attention_capture()
         gradients = self.method.needs_gradients
-        with torch.enable_grad() if gradients else torch.no_grad():
-            if gradients:
+        # LRP-only methods: the relevance forward is the call's only forward
+        relevance_only = self.method.uses_relevance_pass and not gradients
+        with torch.enable_grad() if gradients or relevance_only else torch.no_grad():
+            if gradients or relevance_only:
                 call = _graph_inputs(call)
-            capture = AttentionCapture(softmax=self.family.softmax_capture and kind == "sdpa",
-                                       explicit=self.traced)
-            with capture:
-                output, attentions = self.family.forward(call, output_attentions=kind == "eager")
-            records = capture.records
-            if kind == "eager":
-                if records:
-                    raise ValueError(f"relfast.Explainer: the {type(self.family.model).__name__} model is configured "
-                                     "for eager attention but ran scaled_dot_product_attention in some layers; load it "
-                                     "with one attention implementation")
-                records = [ProbabilityRecord(a) for a in attentions or () if a is not None]
+            relevance_pass = None
+            if relevance_only:
+                relevance_pass = RelevancePass(self.family, call, self.method.conserve)
+                output, maps = relevance_pass.forward()
+                records = [ProbabilityRecord(m) for m in maps]
+            else:
+                output, records = self._forward(call, kind)
             num_tokens = self._check_records(records, call)
             call.rows = self.family.layout.explained_rows(call.batch, call.token_mask, num_tokens, _device(call))
-            scores = self.family.scores(output, call)
+            scores = relevance_pass.scores if relevance_only else self.family.scores(output, call)
             if not self.traced:
                 _check_finite_scores(scores)
             explained = self.targets.resolve(scores)
             if not self.traced and explained is not None:  # families that know no class count before the forward
                 check_class_range(explained, scores.shape[-1])
             run = Run(records, call.rows, call.token_mask, self.family.layout, scores, explained, self.targets)
-            if self.method.uses_relevance_pass:
-                run.relevance_pass = RelevancePass(self.family, call if gradients else _graph_inputs(call),
-                                                   self.method.conserve, len(records))
+            if self.method.uses_relevance_pass:  # a second forward, run when the method first asks
+                run.relevance_pass = relevance_pass or RelevancePass(self.family, call, self.method.conserve,
+                                                                     len(records))
             try:
                 relevance = self.method.relevance(run).detach().float()
             except ValueError as error:  # a relfast op refused overflowing gradients: say it as the explainer
@@ -77,6 +75,20 @@ class Session:
         if not self.traced and not bool(torch.isfinite(relevance).all()):
             raise _relevance_overflow()
         return scores.detach(), explained, relevance
+
+    def _forward(self, call: ModelCall, kind: str) -> Tuple[Any, List[AttentionRecord]]:
+        """The model's forward under the attention capture: (output, one record per site)."""
+        capture = AttentionCapture(softmax=self.family.softmax_capture and kind == "sdpa", explicit=self.traced)
+        with capture:
+            output, attentions = self.family.forward(call, output_attentions=kind == "eager")
+        records = capture.records
+        if kind == "eager":
+            if records:
+                raise ValueError(f"relfast.Explainer: the {type(self.family.model).__name__} model is configured "
+                                 "for eager attention but ran scaled_dot_product_attention in some layers; load it "
+                                 "with one attention implementation")
+            records = [ProbabilityRecord(a) for a in attentions or () if a is not None]
+        return output, records
 
     def _check_records(self, records: List[AttentionRecord], call: ModelCall) -> int:
         """Every site seen, all of one (B, H, N, N) self-attention shape; returns N."""

@@ -1,6 +1,6 @@
 """The relevance pass of one call: the model's forward under :class:`RelevanceCapture`, run once
 on first use, then one backward per target seeded with the one-hot target at the scores."""
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -13,16 +13,20 @@ __all__ = ["RelevancePass"]
 
 class RelevancePass:
     """Args:
-        family, call: the call's model and parsed inputs (``call`` with its graph leaves).
+        family, call: the call's model and parsed inputs (``call`` with its graph leaves; its
+            explained rows are set by the session before the first backward).
         conserve: the CVPR method's rules (True) or plain LRP (False).
-        sites: the number of attention sites the call's main forward saw.
+        sites: the number of attention sites the call's main forward saw (None: this pass's
+            forward is the call's only forward).
     """
 
-    def __init__(self, family: Family, call: ModelCall, conserve: bool, sites: int):
+    def __init__(self, family: Family, call: ModelCall, conserve: bool, sites: Optional[int] = None):
         self.family, self.call, self.conserve, self.sites = family, call, conserve, sites
-        self._forward: Optional[tuple] = None
+        self._forward: Optional[Tuple[RelevanceCapture, Any]] = None
+        self._scores: Optional[Tensor] = None
 
-    def _run_forward(self):
+    def forward(self) -> Tuple[Any, List[Tensor]]:
+        """Runs the relevance forward once: (the model's output, its attention maps in order)."""
         if self._forward is None:
             capture = RelevanceCapture(self.conserve)
             with torch.enable_grad(), capture:
@@ -33,21 +37,29 @@ class RelevancePass:
                 raise ValueError(f"relfast.Explainer: the {model} model applies {', '.join(names)} to its activations, "
                                  "for which relfast has no LRP rule; use method 'generic' (gradient-weighted "
                                  "attention needs no rule per op)")
-            if len(capture.attention) != self.sites:
+            if self.sites is not None and len(capture.attention) != self.sites:
                 raise ValueError(f"relfast.Explainer: the relevance forward of the {model} model saw "
                                  f"{len(capture.attention)} attention maps where its forward saw {self.sites}")
-            scores = self.family.scores(output, self.call)
-            self._forward = (capture, scores)
-        return self._forward
+            self._forward = (capture, output)
+        return self._forward[1], self._forward[0].attention
+
+    @property
+    def scores(self) -> Tensor:
+        """(B, C) the relevance forward's scores (in its graph)."""
+        if self._scores is None:
+            output, _ = self.forward()
+            self._scores = self.family.scores(output, self.call)
+        return self._scores
 
     def backward(self, explained: Tensor, sites: Sequence[int], inputs: Sequence[Tensor] = (),
-                 retain_graph: bool = False) -> List[Optional[Tensor]]:
+                 retain_graph: bool = False) -> List[Tensor]:
         """Relevance of the attention maps ``sites`` (B, H, N, N) and of ``inputs`` (leaves of the
         call) for the classes ``explained`` (B,), from one-hot relevance at the scores."""
-        capture, scores = self._run_forward()
+        _, maps = self.forward()
+        scores = self.scores
         seed = torch.zeros_like(scores)
         seed[torch.arange(scores.shape[0], device=scores.device), explained.to(scores.device)] = 1
-        wanted = [capture.attention[i] for i in sites] + list(inputs)
+        wanted = [maps[i] for i in sites] + list(inputs)
         relevance = torch.autograd.grad(scores, wanted, grad_outputs=seed, retain_graph=retain_graph,
                                         allow_unused=True)
         return [r.detach() if r is not None else torch.zeros_like(w) for r, w in zip(relevance, wanted)]
@@ -55,10 +67,10 @@ class RelevancePass:
     def input_leaves(self) -> List[Tensor]:
         """The tensors input relevance is read at: the float inputs (pixels), else the embedding
         lookups of the call's ``input_ids``."""
-        capture, _ = self._run_forward()
+        self.forward()
         floats = [v for v in list(self.call.args) + list(self.call.kwargs.values())
                   if isinstance(v, Tensor) and v.requires_grad]
         if floats:
             return floats[:1]
         ids = self.call.kwargs.get("input_ids", self.call.args[0] if self.call.args else None)
-        return [leaf for indices, leaf in capture.embeddings if indices is ids][:1]
+        return [leaf for indices, leaf in self._forward[0].embeddings if indices is ids][:1]

@@ -93,6 +93,13 @@ class Run:
         results = [explain(i, i + 1 < k) for i in range(k)]
         return torch.stack(results, dim=1) if self.targets.per_sample_k else results[0]
 
+    def class_targets(self, k: int, method: str) -> Tensor:
+        """(B,) the k-th explained class of each sample, where a relevance pass starts."""
+        if self.explained is None:
+            raise ValueError(f"relfast.Explainer: method '{method}' propagates relevance from a class of the model's "
+                             "output; it cannot start from a callable target")
+        return self.explained[:, k] if self.explained.dim() == 2 else self.explained
+
     def gather_rows(self, matrix: Tensor) -> Tensor:
         """(B, N, M) -> (B, M): each sample's explained row."""
         return matrix[torch.arange(matrix.shape[0], device=matrix.device), self.rows.to(matrix.device)]

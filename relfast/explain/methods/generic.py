@@ -12,13 +12,19 @@ from .base import Method, Run
 
 class Generic(Method):
     """Options: ``aggregate`` (False: the "w/o aggregation" ablation ``R ← Ā·R``),
-    ``full_matrix`` (all rows of R instead of the explained row)."""
+    ``full_matrix`` (all rows of R instead of the explained row), ``use_lrp`` ([P2] supplement §4:
+    the head averaging of transformer attribution, ``Ā = E_h[(∇A ⊙ R_A)^+]`` with ``R_A`` the LRP
+    relevance of the map (``relfast.explain.lrp``, the CVPR rules), instead of ``E_h[(∇A ⊙ A)^+]``)."""
 
     name = "generic"
-    option_defaults = {"aggregate": True, "full_matrix": False}
+    option_defaults = {"aggregate": True, "full_matrix": False, "use_lrp": False}
+    conserve = True  # the rules of the relevance pass when use_lrp
 
-    def __init__(self, aggregate: bool = True, full_matrix: bool = False):
-        super().__init__(aggregate=bool(aggregate), _full_matrix=bool(full_matrix))
+    def __init__(self, aggregate: bool = True, full_matrix: bool = False, use_lrp: bool = False):
+        if not isinstance(use_lrp, bool):
+            raise ValueError(f"relfast.Explainer: argument 'use_lrp' must be True or False, got {use_lrp!r}")
+        super().__init__(aggregate=bool(aggregate), _full_matrix=bool(full_matrix), use_lrp=use_lrp,
+                         uses_relevance_pass=use_lrp)
 
     def initial_rows(self, run: Run, like: torch.Tensor) -> torch.Tensor:
         batch, n = run.batch, like.shape[-1]
@@ -29,15 +35,20 @@ class Generic(Method):
         return rows
 
     def relevance(self, run: Run) -> torch.Tensor:
+        sites = range(len(run.records))
+
         def one_target(k: int, retain_graph: bool) -> torch.Tensor:
             state = {}
+            if self.use_lrp:  # the maps' relevance, one relevance backward before the gradients
+                weights = run.relevance_pass.backward(run.class_targets(k, "generic (use_lrp=True)"), sites,
+                                                      retain_graph=retain_graph)
 
             def update(site: int, grad: torch.Tensor) -> None:
-                attn = run.records[site].probabilities()
+                attn = weights[site].to(grad.dtype) if self.use_lrp else run.records[site].probabilities()
                 rows = state["rows"] if "rows" in state else self.initial_rows(run, attn)
                 state["rows"] = ops.row_relevance_update(rows, grad, attn, aggregate=self.aggregate)
 
-            run.attention_gradients(k, range(len(run.records)), update, retain_graph)
+            run.attention_gradients(k, sites, update, retain_graph)
             return state["rows"] if self.full_matrix else state["rows"][:, 0]
 
         return run.for_each_target(one_target)

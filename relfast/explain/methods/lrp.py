@@ -18,10 +18,7 @@ class _RelevanceMethod(Method):
     uses_relevance_pass = True
 
     def class_targets(self, run: Run, k: int) -> torch.Tensor:
-        if run.explained is None:
-            raise ValueError(f"relfast.Explainer: method '{self.name}' propagates relevance from a class of the "
-                             "model's output; it cannot start from a callable target")
-        return run.explained[:, k] if run.explained.dim() == 2 else run.explained
+        return run.class_targets(k, self.name)
 
 
 class TransformerAttribution(_RelevanceMethod):
