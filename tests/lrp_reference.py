@@ -180,6 +180,17 @@ def attention_relevance(s, q_w, k_w, v_w, R_ctx, heads, conserve):
     return R_h, R_A
 
 
+def start(logits, target, method, saved):
+    """∇A of every layer (transformer attribution only) and the one-hot relevance of the logits."""
+    gradients = None
+    if method == "transformer_attribution":
+        logits[target].backward()
+        gradients = [s["A"].grad for s in saved]
+    R_logits = torch.zeros_like(logits).detach()
+    R_logits[target] = 1
+    return gradients, R_logits
+
+
 def attribution(gradients, attention_relevance_per_layer, start_layer, n, dtype):
     C = torch.eye(n, dtype=dtype)
     for l in range(start_layer % len(gradients), len(gradients)):
@@ -213,13 +224,8 @@ def hf_bert_relevance(model, input_ids, target, method, start_layer=1):
         x = layer_norm(m + x1, layer.output.LayerNorm)
     pooled = torch.tanh(F.linear(x[0], bert.pooler.dense.weight, bert.pooler.dense.bias))
     logits = F.linear(pooled, model.classifier.weight, model.classifier.bias)
-    gradients = None
-    if method == "transformer_attribution":
-        logits[target].backward()
-        gradients = [s["A"].grad for s in saved]
+    gradients, R_logits = start(logits, target, method, saved)
     with torch.no_grad():
-        R_logits = torch.zeros_like(logits)
-        R_logits[target] = 1
         R_pooled = linear_relevance(pooled, model.classifier.weight, R_logits)  # through the dropout
         R = torch.zeros_like(x)
         R[0] = linear_relevance(x[0], bert.pooler.dense.weight, R_pooled)  # through tanh
@@ -274,13 +280,8 @@ def timm_vit_relevance(model, pixels, target, method, start_layer=1):
         x = x1 + m
     final = layer_norm(x, model.norm)
     logits = F.linear(final[0], model.head.weight, model.head.bias)
-    gradients = None
-    if method == "transformer_attribution":
-        logits[target].backward()
-        gradients = [s["A"].grad for s in saved]
+    gradients, R_logits = start(logits, target, method, saved)
     with torch.no_grad():
-        R_logits = torch.zeros_like(logits)
-        R_logits[target] = 1
         R = torch.zeros_like(final)
         R[0] = linear_relevance(final[0], model.head.weight, R_logits)
         per_layer = [None] * len(saved)

@@ -37,6 +37,12 @@ def _detached(value: Any) -> Any:
     return value
 
 
+def detached_parameters(args: Tuple, kwargs: Dict[str, Any]) -> Tuple[Tuple, Dict[str, Any]]:
+    """An op's arguments with the model's parameters detached: frozen for the call, without
+    touching their ``requires_grad``."""
+    return tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()}
+
+
 def training_error(what: str) -> ValueError:
     return ValueError(f"relfast.Explainer: the model runs {what} with dropout (training mode); explanations need "
                       "the deterministic model: call model.eval() first")
@@ -55,8 +61,7 @@ class AttentionCapture(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.freeze:
-            args = tuple(_detached(a) for a in args)
-            kwargs = {k: _detached(v) for k, v in kwargs.items()}
+            args, kwargs = detached_parameters(args, kwargs)
         if func is F.scaled_dot_product_attention:
             return self._sdpa(**_bind_sdpa(args, kwargs))
         if func is F.multi_head_attention_forward:

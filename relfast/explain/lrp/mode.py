@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from ..capture.mode import _bind_sdpa, _detached, training_error
+from ..capture.mode import _bind_sdpa, detached_parameters, training_error
 from ..capture.records import attention_bias, expand_groups, group_size, sdpa_scale
 from .rules import AddRule, Conv2dRule, LinearRule, MatMulRule, MeanRule, dims_of, pass_through
 
@@ -69,9 +69,7 @@ class RelevanceCapture(TorchFunctionMode):
         self.unsupported: List[str] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        args = tuple(_detached(a) for a in args)
-        kwargs = {k: _detached(v) for k, v in kwargs.items()}
+        args, kwargs = detached_parameters(args, kwargs or {})
         if func is F.scaled_dot_product_attention:
             return self._sdpa(**_bind_sdpa(args, kwargs))
         if func is F.multi_head_attention_forward:
