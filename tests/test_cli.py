@@ -43,6 +43,24 @@ def test_explain_a_folder_with_two_targets_writes_side_by_side_pngs(images, tmp_
     assert plt.imread(tmp_path / "maps" / "img0.png").shape[1] > 2 * plt.imread(tmp_path / "maps" / "img0.png").shape[0]
 
 
+@pytest.mark.parametrize("method", ["transformer_attribution", "lrp", "partial_lrp"])
+def test_explain_an_image_with_a_relevance_method(images, tmp_path, method):
+    """The [P1] relevance methods through the command line: lrp's map is at pixel resolution,
+    the others are patch maps; all give the overlay picture."""
+    folder, _ = images
+    result = run("explain", "--image", str(folder / "img1.png"), "--method", method, "--out", str(tmp_path / "m.png"))
+    assert result.returncode == 0, result.stderr
+    picture = plt.imread(tmp_path / "m.png")
+    assert picture.shape[1] > 1.5 * picture.shape[0]
+
+
+def test_export_transformer_attribution_prints_parity(tmp_path):
+    result = run("export", "--method", "transformer_attribution", "--format", "onnx", "--out", str(tmp_path / "t.onnx"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    parity = re.search(r"max relative error logits (\S+), relevance (\S+) \(ok\)", result.stdout)
+    assert parity and float(parity.group(2)) <= 1e-4, result.stdout
+
+
 def test_explain_text_writes_html(tmp_path):
     result = run("explain", "--text", "the cat sat on the mat", "--compare", "a cat was sleeping",
                  "--out", str(tmp_path / "text.html"))
