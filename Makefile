@@ -13,7 +13,7 @@ install: $(VENV)/.deps-installed build
 $(VENV)/.deps-installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	@echo "relfast: installing the dependencies (torch with its CUDA libraries: about 9 minutes on a fresh machine)"
+	@echo "relfast: installing the dependencies (torch with its CUDA libraries: a few GB from PyPI on a fresh machine)"
 	$(PY) -m pip install --progress-bar off -r requirements.txt | { grep -E --line-buffered '^(Collecting|Successfully)' || true; }
 	touch $@
 

@@ -112,7 +112,8 @@ def test_set_attn_implementation_is_never_called():
 
 
 @pytest.mark.parametrize("name,method", [("hf-vit", "rollout"), ("hf-vit", "raw_attention"), ("hf-vit", "generic"),
-                                         ("timm-vit", "generic"), ("gpt2", "generic"), ("hf-bert", "attn_gradcam")])
+                                         ("timm-vit", "generic"), ("gpt2", "generic"), ("hf-bert", "attn_gradcam"),
+                                         ("hf-vit", "transformer_attribution"), ("torchvision-vit", "lrp")])
 def test_eight_threads_get_the_sequential_results(name, method):
     model = build(name)
     explainer = explainer_for(name, model, method)
