@@ -15,9 +15,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .limits import MAX_ABS_FLOAT_INPUT
-
 METADATA_KEY = "relfast"
+# Float model inputs (pixels, embeddings) are of order 1 once normalised. Far beyond that, float32
+# arithmetic inside the model overflows: eager LayerNorm turns it into NaN (refused), while ONNX
+# Runtime's fused LayerNorm returns finite but wrong maps (both seen from 1e20 on the demo ViT).
+# This bound, far below either failure, is applied by every entry point (the eager explainer and
+# the exported files import it from here: this module stays one file that needs no torch).
+MAX_ABS_FLOAT_INPUT = 1e6
 _NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64, "int32": np.int32,
                  "int64": np.int64}
 

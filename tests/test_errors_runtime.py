@@ -11,8 +11,7 @@ import torch
 
 import relfast
 import relfast.export
-from relfast.limits import MAX_ABS_FLOAT_INPUT
-from relfast.runtime import OnnxExplainer
+from relfast.runtime import MAX_ABS_FLOAT_INPUT, OnnxExplainer
 
 from test_explainer import bert
 from test_export import VOCAB, seeded, text_batch

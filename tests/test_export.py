@@ -173,16 +173,23 @@ def test_torchscript_keeps_fused_ops(exported):
 
 # ---- served files: the runtime without torch, the TorchScript default target ----
 
-def test_runtime_works_without_torch(default_files):
-    """relfast.runtime serves the ONNX file where torch cannot be imported at all."""
+@pytest.mark.parametrize("how", ["package", "single file"])
+def test_runtime_works_without_torch(default_files, tmp_path, how):
+    """relfast.runtime serves the ONNX file where torch cannot be imported at all: from the
+    package, and as the one file `relfast/runtime.py` copied alone (what a serving image does)."""
     image = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
     np.save(default_files["onnx"].with_suffix(".npy"), image)
+    if how == "single file":
+        (tmp_path / "served").mkdir()
+        (tmp_path / "served" / "relfast_runtime.py").write_text((Path(relfast.__file__).parent / "runtime.py").read_text())
+        imports = f"sys.path.insert(0, {str(tmp_path / 'served')!r})\nfrom relfast_runtime import OnnxExplainer"
+    else:
+        imports = "import relfast\nfrom relfast.runtime import OnnxExplainer"
     code = f"""
 import sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
 import numpy as np
-import relfast
-from relfast.runtime import OnnxExplainer
+{imports}
 runtime = OnnxExplainer({str(default_files['onnx'])!r})
 logits, relevance = runtime(np.load({str(default_files['onnx'].with_suffix('.npy'))!r}))
 np.save({str(default_files['onnx'].with_suffix('.out.npy'))!r}, relevance)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..explain.explainer import Explainer
-from ..limits import MAX_ABS_FLOAT_INPUT
+from ..runtime import MAX_ABS_FLOAT_INPUT
 from .graph import BATCH, SEQUENCE, check_flags, checked_path, trace
 
 # Dynamic dimensions in the scripted checks: a negative id; every input shares its size.

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple, Type
 import torch
 from torch import Tensor
 
-from ...limits import MAX_ABS_FLOAT_INPUT
+from ...runtime import MAX_ABS_FLOAT_INPUT  # numpy only: the bound every entry point applies
 from ..layout import TokenLayout
 
 _FAMILIES: List[Type["Family"]] = []

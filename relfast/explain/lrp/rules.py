@@ -62,7 +62,7 @@ class PassThrough(torch.autograd.Function):
         shape, dtype = ctx.like
         if relevance.shape != shape:
             relevance = relevance.sum_to_size(shape)
-        return (None, relevance.to(dtype)) + (None,) * (ctx.needs_input_grad.__len__() - 2)
+        return (None, relevance.to(dtype)) + (None,) * (len(ctx.needs_input_grad) - 2)
 
 
 def _alpha_beta(x: Tensor, relevance: Tensor, forward: Callable[[Tensor, Tensor], Tensor],

@@ -132,6 +132,19 @@ class Method:
         raise NotImplementedError
 
 
+def checked_start_layer(start_layer) -> int:
+    """The ``start_layer`` option's type (its range is checked once the layers are known)."""
+    if not isinstance(start_layer, int) or isinstance(start_layer, bool):
+        raise ValueError(f"relfast.Explainer: argument 'start_layer' must be an int, got {start_layer!r}")
+    return start_layer
+
+
+def check_start_layer_range(start_layer: int, layers: int, note: str = "") -> None:
+    if not -layers <= start_layer < layers:
+        raise ValueError(f"relfast.Explainer: argument 'start_layer' is {start_layer}{note}, out of range for a "
+                         f"model with {layers} attention layers [-{layers}, {layers})")
+
+
 def repeat_targets(result: Tensor, run: Run) -> Tensor:
     """A class-agnostic map, repeated for each of the K targets requested per sample."""
     if not run.targets.per_sample_k:

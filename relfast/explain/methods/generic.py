@@ -19,6 +19,7 @@ class Generic(Method):
     name = "generic"
     option_defaults = {"aggregate": True, "full_matrix": False, "use_lrp": False}
     conserve = True  # the rules of the relevance pass when use_lrp
+    relevance_label = "generic (use_lrp=True)"  # how errors about the relevance pass name the method
 
     def __init__(self, aggregate: bool = True, full_matrix: bool = False, use_lrp: bool = False):
         if not isinstance(use_lrp, bool):
@@ -34,17 +35,24 @@ class Generic(Method):
         rows[torch.arange(batch, device=like.device), 0, run.rows.to(like.device)] = 1
         return rows
 
+    def first_site(self, layers: int) -> int:
+        """The first layer of the product (every layer for the generic rule)."""
+        return 0
+
     def relevance(self, run: Run) -> torch.Tensor:
-        sites = range(len(run.records))
+        layers = len(run.records)
+        self.check_layers(layers)
+        sites = list(range(self.first_site(layers), layers))
 
         def one_target(k: int, retain_graph: bool) -> torch.Tensor:
-            state = {}
-            if self.use_lrp:  # the maps' relevance, one relevance backward before the gradients
-                weights = run.relevance_pass.backward(run.class_targets(k, "generic (use_lrp=True)"), sites,
-                                                      retain_graph=retain_graph)
+            state, weights = {}, {}
+            if self.use_lrp:  # the maps' relevance R_A, one relevance backward before the gradients
+                weights = dict(zip(sites, run.relevance_pass.backward(run.class_targets(k, self.relevance_label), sites,
+                                                                      retain_graph=retain_graph)))
 
             def update(site: int, grad: torch.Tensor) -> None:
-                attn = weights[site].to(grad.dtype) if self.use_lrp else run.records[site].probabilities()
+                # each R_A is freed once used
+                attn = weights.pop(site).to(grad.dtype) if self.use_lrp else run.records[site].probabilities()
                 rows = state["rows"] if "rows" in state else self.initial_rows(run, attn)
                 state["rows"] = ops.row_relevance_update(rows, grad, attn, aggregate=self.aggregate)
 

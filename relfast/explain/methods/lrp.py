@@ -10,8 +10,8 @@
 """
 import torch
 
-from ... import ops
-from .base import Method, Run
+from .base import Method, Run, check_start_layer_range, checked_start_layer
+from .generic import Generic
 
 
 class _RelevanceMethod(Method):
@@ -21,47 +21,26 @@ class _RelevanceMethod(Method):
         return run.class_targets(k, self.name)
 
 
-class TransformerAttribution(_RelevanceMethod):
-    """Options: ``start_layer`` (first layer of the product; default 1, the reference code's image
-    evaluation; its BERT evaluation uses the last layer only, ``start_layer=-1``; negative counts
-    from the end)."""
+class TransformerAttribution(Generic):
+    """The generic rule's streamed product with the LRP head averaging, from ``start_layer`` on
+    (default 1, the reference code's image evaluation; its BERT evaluation uses the last layer
+    only, ``start_layer=-1``; negative counts from the end)."""
 
     name = "transformer_attribution"
-    conserve = True
     option_defaults = {"start_layer": 1}
+    uses_relevance_pass = True
+    relevance_label = "transformer_attribution"
 
     def __init__(self, start_layer: int = 1):
-        if not isinstance(start_layer, int) or isinstance(start_layer, bool):
-            raise ValueError(f"relfast.Explainer: argument 'start_layer' must be an int, got {start_layer!r}")
-        super().__init__(start_layer=start_layer)
+        super().__init__(use_lrp=True)
+        self.start_layer = checked_start_layer(start_layer)
 
     def check_layers(self, layers: int) -> None:
-        if not -layers <= self.start_layer < layers:
-            default = " (the default; pass start_layer=0 for a one-layer model)" if self.start_layer == 1 else ""
-            raise ValueError(f"relfast.Explainer: argument 'start_layer' is {self.start_layer}{default}, out of range "
-                             f"for a model with {layers} attention layers [-{layers}, {layers})")
+        note = " (the default; pass start_layer=0 for a one-layer model)" if self.start_layer == 1 else ""
+        check_start_layer_range(self.start_layer, layers, note)
 
-    def relevance(self, run: Run) -> torch.Tensor:
-        layers = len(run.records)
-        self.check_layers(layers)
-        sites = list(range(self.start_layer % layers, layers))
-
-        def one_target(k: int, retain_graph: bool) -> torch.Tensor:
-            attention_relevance = dict(zip(sites, run.relevance_pass.backward(self.class_targets(run, k), sites,
-                                                                              retain_graph=retain_graph)))
-            state = {}
-
-            def update(site: int, grad: torch.Tensor) -> None:
-                r_a = attention_relevance.pop(site).to(grad.dtype)
-                if "rows" not in state:
-                    state["rows"] = torch.zeros(run.batch, 1, grad.shape[-1], dtype=grad.dtype, device=grad.device)
-                    state["rows"][torch.arange(run.batch, device=grad.device), 0, run.rows.to(grad.device)] = 1
-                state["rows"] = ops.row_relevance_update(state["rows"], grad, r_a)
-
-            run.attention_gradients(k, sites, update, retain_graph)
-            return state["rows"][:, 0]
-
-        return run.for_each_target(one_target)
+    def first_site(self, layers: int) -> int:
+        return self.start_layer % layers
 
 
 class PartialLrp(_RelevanceMethod):

@@ -3,7 +3,7 @@
 import torch
 
 from ... import ops
-from .base import Method, Run, repeat_targets
+from .base import Method, Run, check_start_layer_range, checked_start_layer, repeat_targets
 
 
 class Rollout(Method):
@@ -15,14 +15,10 @@ class Rollout(Method):
     option_defaults = {"start_layer": 0, "full_matrix": False}
 
     def __init__(self, start_layer: int = 0, full_matrix: bool = False):
-        if not isinstance(start_layer, int) or isinstance(start_layer, bool):
-            raise ValueError(f"relfast.Explainer: argument 'start_layer' must be an int, got {start_layer!r}")
-        super().__init__(start_layer=start_layer, _full_matrix=bool(full_matrix))
+        super().__init__(start_layer=checked_start_layer(start_layer), _full_matrix=bool(full_matrix))
 
     def check_layers(self, layers: int) -> None:
-        if not -layers <= self.start_layer < layers:
-            raise ValueError(f"relfast.Explainer: argument 'start_layer' is {self.start_layer}, out of range for a "
-                             f"model with {layers} attention layers [-{layers}, {layers})")
+        check_start_layer_range(self.start_layer, layers)
 
     def relevance(self, run: Run) -> torch.Tensor:
         self.check_layers(len(run.records))
