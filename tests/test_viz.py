@@ -79,3 +79,36 @@ def test_side_by_side_with_a_flat_map_and_per_map_scales(tmp_path):
     for path in (shared, alone):
         picture = plt.imread(path)
         assert picture.shape[1] > 3 * picture.shape[0] * 0.9  # input, two panels and the colour bar side by side
+
+
+def test_regions_heatmap_takes_the_largest_covering_box():
+    heat = viz.regions_heatmap(torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.25, 0.25, 1.0, 1.0]]), torch.tensor([2.0, 3.0]),
+                               (8, 12))
+    assert heat.shape == (8, 12)
+    assert heat[0, 0] == 2.0 and heat[3, 4] == 3.0 and heat[7, 11] == 3.0
+    assert heat[7, 0] == 0.0  # no box covers the lower left corner
+    in_pixels = viz.regions_heatmap(np.array([[2, 1, 4, 3]]), np.array([5.0]), (6, 6))
+    assert in_pixels[1:3, 2:4].tolist() == [[5.0, 5.0], [5.0, 5.0]] and in_pixels.sum() == 20.0
+
+
+def test_text_and_image_and_detections_write_pngs(tmp_path):
+    image = np.random.rand(32, 32, 3)
+    path = viz.save_text_and_image(image, np.random.rand(4, 4), ["a", "dog", "on", "grass"],
+                                   torch.tensor([0.1, 0.9, 0.0, 0.4]), tmp_path / "pair.png", title="a dog")
+    assert plt.imread(path).ndim == 3
+    boxes = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.25, 0.25, 0.2, 0.2]])
+    one = plt.imread(viz.save_detections(image, boxes[:1], [np.random.rand(4, 4)], ["q0"], tmp_path / "one.png"))
+    two = plt.imread(viz.save_detections(image, boxes, [np.random.rand(4, 4)] * 2, ["q0", "q1"], tmp_path / "two.png"))
+    assert two.shape[1] > one.shape[1]
+
+
+@pytest.mark.parametrize("call,words", [
+    (lambda: viz.regions_heatmap(np.zeros((2, 4)), np.zeros(3), (4, 4)), "one box per score"),
+    (lambda: viz.save_text_and_image(np.zeros((4, 4)), np.zeros((2, 2)), ["a"], [1.0, 2.0], "x.png"),
+     "1 tokens but 2 scores"),
+    (lambda: viz.save_detections(np.zeros((4, 4)), np.zeros((2, 4)), [np.zeros((2, 2))], ["a"], "x.png"),
+     "2 boxes, 1 heatmaps and 1 titles"),
+])
+def test_bad_two_stream_picture_input(call, words):
+    with pytest.raises(ValueError, match=words):
+        call()

@@ -4,8 +4,8 @@ Thin on purpose: it resolves the model's family and the method once, then each c
 :class:`~relfast.explain.session.Session`. The default method is [P2]'s generic rule; each
 method's file in ``relfast.explain.methods`` states its rule.
 """
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor
@@ -29,10 +29,20 @@ class Explanation:
         target: (B,) or (B, K) classes explained (None for a callable target).
         relevance: float32, the explained token's row of R over all N input tokens: (B, N), or
             (B, K, N) for K targets per sample; with ``full_matrix=True`` all rows, (B, N, N).
+            VisualBERT: the row over text and regions together. Models with separate streams
+            (CLIP, LXMERT, DETR): the first of ``maps`` (CLIP, DETR: "image"; LXMERT: "text").
         layout: the model's token layout (prefix tokens, patch grid, patch size).
         full_matrix: ``relevance`` holds all rows of R.
         pixel_level: ``relevance`` is over the input's pixels, (B[, K], H, W) (method ``lrp`` on
             images), not over tokens.
+        maps: the relevance by token stream, float32: ``"image"`` (patches, regions or DETR's
+            feature positions), ``"text"``, ``"queries"`` (DETR), each (B[, K], N_stream) over
+            the stream's tokens. One-stream models: ``{"image" or "text": relevance}``.
+        layouts: the token layout of each map.
+        output: the model's own output, detached, for models whose scores are not all of it
+            (DETR's logits and boxes); else None.
+        pairs: CLIP: (P, 2) the (image, text) index of each explained pair (row p of the maps and
+            logits is pair p); else None.
     """
 
     logits: Tensor
@@ -41,6 +51,16 @@ class Explanation:
     layout: TokenLayout
     full_matrix: bool = False
     pixel_level: bool = False
+    maps: Dict[str, Tensor] = field(default_factory=dict)
+    layouts: Dict[str, TokenLayout] = field(default_factory=dict)
+    output: Any = None
+    pairs: Optional[Tensor] = None
+
+    def __post_init__(self):
+        if not self.maps:  # built by hand: the one stream's map
+            self.maps = {"image" if self.layout.is_vision or self.pixel_level else "text": self.relevance}
+        if not self.layouts:
+            self.layouts = {name: self.layout for name in self.maps}
 
     def image_map(self, upsample: bool = False, normalize: bool = True) -> Tensor:
         """Vision models: the patch map (B[, K], h_p, w_p), prefix tokens dropped. With
@@ -52,8 +72,12 @@ class Explanation:
                              "a patch map is one row: use relevance[:, row] or explain with full_matrix=False")
         if self.pixel_level:  # already at the input's resolution
             return min_max(self.relevance) if upsample and normalize else self.relevance
-        grid = self.layout.to_grid(self.relevance)
-        return self.layout.to_pixels(grid, normalize) if upsample else grid
+        if "image" not in self.maps:
+            raise ValueError(f"relfast.Explanation.image_map: this explanation has no image map (maps: "
+                             f"{sorted(self.maps)})")
+        layout = self.layouts["image"]
+        grid = layout.to_grid(self.maps["image"])
+        return layout.to_pixels(grid, normalize) if upsample else grid
 
 
 class Explainer:
@@ -77,6 +101,8 @@ class Explainer:
         full_matrix: return all rows of R (token-level tasks) instead of the explained row.
         use_lrp: the generic rule "with LRP" ([P2] supplement §4): heads averaged as in
             transformer attribution, ``E_h[(∇A ⊙ R_A)^+]``, over every layer.
+        normalize, cross_self_attention: models with cross-attention (LXMERT, DETR): False gives
+            the "w/o norm." and "Eq. 10 w/o self-attention" ablations of [P2] (supplement Table 1).
 
     Nothing of the model is changed, during or after a call; one explainer may be called from
     several threads at once.
@@ -84,20 +110,41 @@ class Explainer:
 
     def __init__(self, model: torch.nn.Module, method: str = "generic", *, layout: Optional[TokenLayout] = None,
                  start_layer: Optional[int] = None, aggregate: bool = True, full_matrix: bool = False,
-                 use_lrp: bool = False):
+                 use_lrp: bool = False, normalize: bool = True, cross_self_attention: bool = True):
         if not aggregate and method != "generic":
             raise ValueError("relfast.Explainer: argument 'aggregate=False' is an ablation of method 'generic' only")
         if full_matrix and method not in ("generic", "rollout"):
             raise ValueError(f"relfast.Explainer: 'full_matrix=True' needs a method with a relevance matrix "
                              f"('generic' or 'rollout'), got {method!r}")
-        self._method = make_method(method, start_layer=start_layer, aggregate=None if aggregate else False,
-                                   full_matrix=True if full_matrix else None, use_lrp=use_lrp or None)
-        self.model = model
         self.family: Family = family_for(model, layout)
+        model_name = type(model).__name__
+        cross_given = [name for name, value in (("normalize", normalize), ("cross_self_attention", cross_self_attention))
+                       if value is not True]
+        if cross_given and not self.family.cross_attention:
+            raise ValueError(f"relfast.Explainer: argument '{cross_given[0]}' is an ablation of the co-attention rules "
+                             f"(models with cross-attention: LXMERT, DETR); {model_name} has none")
+        if self.family.cross_attention and (method != "generic" or use_lrp or full_matrix):
+            raise ValueError(f"relfast.Explainer: {model_name} has cross-attention, which method 'generic' explains "
+                             f"([P2] rules 6-11); got method {method!r}"
+                             + (" with use_lrp=True" if use_lrp else "") + (" with full_matrix=True" if full_matrix else ""))
+        if (use_lrp or method in ("transformer_attribution", "lrp", "partial_lrp")) and not self.family.lrp:
+            raise ValueError(f"relfast.Explainer: method {method!r}{' with use_lrp=True' if use_lrp else ''} needs LRP "
+                             f"rules for every layer, which relfast does not have for {model_name}; use "
+                             "'generic', 'rollout', 'raw_attention' or 'attn_gradcam'")
+        if self.family.cross_attention and start_layer is not None:
+            raise ValueError(f"relfast.Explainer: argument 'start_layer' does not apply to {model_name}: the "
+                             "co-attention rules run over every layer")
+        if start_layer is None:
+            start_layer = self.family.default_start_layer(method)
+        self._method = make_method(method, start_layer=start_layer, aggregate=None if aggregate else False,
+                                   full_matrix=True if full_matrix else None, use_lrp=use_lrp or None,
+                                   normalize=None if normalize else False,
+                                   cross_self_attention=None if cross_self_attention else False)
+        self.model = model
         self.method = method
-        sites = self.family.attention_sites()
-        if sites is not None:
-            self._method.check_layers(sites)
+        layers = self.family.method_layers()
+        if layers is not None:
+            self._method.check_layers(layers)
 
     @property
     def layout(self) -> TokenLayout:
@@ -114,17 +161,19 @@ class Explainer:
         (a list of ints) or per sample (a (B, K) tensor or list of lists) -> relevance (B, K, N);
         or a callable mapping the model's scores (logits (B, C); token embeddings (B, N, D) for
         encoders without a head) to the explained scalar per sample (B,). Causal LMs: token ids
-        of the next token.
+        of the next token. CLIP: the pairs (None: image b with text b; the text index of each
+        image; "all"). DETR: query indices (None: the query whose best real class has the highest
+        logit), K per image as for classes.
         """
         if self.family.needs_callable_target and not callable(target):
             raise ValueError(f"relfast.Explainer: a model without a classification head ({type(self.model).__name__}) "
                              "needs a callable 'target' mapping its output to one scalar per sample")
-        targets = Targets.parse(target, self.family.num_classes())
-        logits, explained, relevance = self._explain(inputs, targets)
-        return Explanation(logits, explained, relevance, self.layout, self.full_matrix,
-                           pixel_level=self._method.pixel_level and self.layout.is_vision)
+        targets = self.family.parse_target(target)
+        result = self._explain(inputs, targets)
+        return Explanation(result.scores, result.explained, result.relevance, self.layout, self.full_matrix,
+                           pixel_level=self._method.pixel_level and self.layout.is_vision, maps=result.maps,
+                           layouts=result.layouts, output=result.output, pairs=result.pairs)
 
     def _explain(self, inputs: Any, targets: Targets, traced: bool = False):
-        """One session: (scores, explained classes, float32 relevance). ``relfast.export``
-        traces this with ``traced=True``."""
+        """One session (a ``SessionResult``). ``relfast.export`` traces this with ``traced=True``."""
         return Session(self.family, self._method, targets, traced=traced).run(inputs)

@@ -8,7 +8,7 @@ Nothing about the model is changed: no attention switch, no flag, no hook, no ``
 so one ``Explainer`` can serve several threads at once.
 """
 import dataclasses
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -16,8 +16,33 @@ from torch import Tensor
 from .capture import AttentionCapture, AttentionRecord, ProbabilityRecord
 from .families import Family, ModelCall
 from .lrp import RelevancePass
+from .layout import TokenLayout
 from .methods import Method, Run
+from .streams import CrossPlan, IndependentStreams
 from .targets import Targets, check_class_range
+
+
+@dataclasses.dataclass
+class SessionResult:
+    """What one call computed.
+
+    Attributes:
+        scores: (B, C) what the target indexed, detached.
+        explained: (B,) / (B, K) explained classes, or None (callable target).
+        relevance: float32, the explained rows (one-stream models), or the first map.
+        maps: float32 relevance per token stream ("image", "text", "queries").
+        layouts: the token layout of each map.
+        output: the model's output, detached, where the family keeps it (DETR's logits and boxes).
+        pairs: CLIP: (P, 2) the (image, text) index of each explained pair; else None.
+    """
+
+    scores: Tensor
+    explained: Optional[Tensor]
+    relevance: Tensor
+    maps: Dict[str, Tensor]
+    layouts: Dict[str, TokenLayout]
+    output: Any = None
+    pairs: Optional[Tensor] = None
 
 
 class Session:
@@ -33,11 +58,11 @@ class Session:
         self.family, self.method, self.targets = family, method, targets
         self.traced = traced
 
-    def run(self, inputs: Any) -> Tuple[Tensor, Optional[Tensor], Tensor]:
-        """Returns (scores (B, C), explained classes or None, float32 relevance)."""
+    def run(self, inputs: Any) -> SessionResult:
         _check_eval_mode(self.family.model)
         call = self.family.parse(inputs)
-        self.targets.check_batch(call.batch)
+        call, targets = self.family.prepare(call, self.targets)
+        targets.check_batch(call.batch)
         if not self.traced:
             self.family.check_values(call)
         kind = self.family.attention_capture()
@@ -54,27 +79,49 @@ class Session:
                 records = [ProbabilityRecord(m) for m in maps]
             else:
                 output, records = self._forward(call, kind)
-            num_tokens = self._check_records(records, call)
-            call.rows = self.family.layout.explained_rows(call.batch, call.token_mask, num_tokens, _device(call))
+            plan = self.family.plan(records, call)
+            if plan is None:
+                num_tokens = self._check_records(records, call)
+                call.rows = self.family.explained_rows(call, num_tokens, _device(call))
             scores = relevance_pass.scores if relevance_only else self.family.scores(output, call)
             if not self.traced:
                 _check_finite_scores(scores)
-            explained = self.targets.resolve(scores)
+            explained = targets.resolve(scores)
             if not self.traced and explained is not None:  # families that know no class count before the forward
                 check_class_range(explained, scores.shape[-1])
-            run = Run(records, call.rows, call.token_mask, self.family.layout, scores, explained, self.targets)
+            run = Run(records, call.rows, call.token_mask, self.family.layout, scores, explained, targets)
             if self.method.uses_relevance_pass:  # a second forward, run when the method first asks
                 run.relevance_pass = relevance_pass or RelevancePass(self.family, call, self.method.conserve,
                                                                      len(records))
             try:
-                relevance = self.method.relevance(run).detach().float()
+                maps, layouts = self._relevance(run, plan, call)
             except ValueError as error:  # a relfast op refused overflowing gradients: say it as the explainer
                 if _is_op_overflow(error):
                     raise _relevance_overflow() from error
                 raise
-        if not self.traced and not bool(torch.isfinite(relevance).all()):
+        if not self.traced and not all(bool(torch.isfinite(m).all()) for m in maps.values()):
             raise _relevance_overflow()
-        return scores.detach(), explained, relevance
+        kept = _detached(output) if self.family.keeps_output else None
+        return SessionResult(scores.detach(), explained, next(iter(maps.values())), maps, layouts, kept, call.pairs)
+
+    def _relevance(self, run: Run, plan, call: ModelCall):
+        """The method on the call's streams: (maps by name, their layouts), float32."""
+        if plan is None:
+            relevance = self.method.relevance(run).detach().float()
+            maps = self.family.split_maps(relevance, call)
+            return maps, {name: self.family.map_layout(name) for name in maps}
+        if isinstance(plan, IndependentStreams):
+            maps = {}
+            for i, stream in enumerate(plan.streams):  # the graph is kept for the streams still to come
+                stream_run = run.for_stream(stream, keep_graph=i + 1 < len(plan.streams))
+                maps[stream.name] = self.method.relevance(stream_run).detach().float()
+        elif isinstance(plan, CrossPlan):
+            run.cross_plan = plan
+            maps = {name: m.detach().float() for name, m in self.method.relevance(run).items()}
+        else:
+            raise TypeError(f"relfast: unknown stream plan {type(plan).__name__}")
+        maps = self.family.finish_maps(maps, call)
+        return maps, {stream.name: stream.layout for stream in plan.streams}
 
     def _forward(self, call: ModelCall, kind: str) -> Tuple[Any, List[AttentionRecord]]:
         """The model's forward under the attention capture: (output, one record per site)."""
@@ -147,6 +194,19 @@ def _is_op_overflow(error: ValueError) -> bool:
     message = str(error)
     return message.startswith("relfast.") and not message.startswith("relfast.Explainer") and (
         "the result overflowed" in message or "must be finite" in message)
+
+
+def _detached(output: Any) -> Any:
+    """The model's output without its graph (tensors, tuples and HF ModelOutputs)."""
+    if isinstance(output, Tensor):
+        return output.detach()
+    if isinstance(output, dict):  # HF ModelOutput is an OrderedDict
+        detached = type(output)(**{k: _detached(v) for k, v in output.items()}) if dataclasses.is_dataclass(output) \
+            else {k: _detached(v) for k, v in output.items()}
+        return detached
+    if isinstance(output, (tuple, list)) and not hasattr(output, "_fields"):
+        return type(output)(_detached(v) for v in output)
+    return output
 
 
 def _device(call: ModelCall):

@@ -86,7 +86,7 @@ def check_class_range(classes: Tensor, num_classes: int, where: str = "relfast.E
         return
     low, high = int(classes.min()), int(classes.max())
     if low < 0 or high >= num_classes:
-        plural = "classes" if unit == "class" else unit + "s"
+        plural = {"class": "classes", "query": "queries"}.get(unit, unit + "s")
         raise ValueError(f"{where}: {what} holds {unit} {low if low < 0 else high}, out of range for a model with "
                          f"{num_classes} {plural} [0, {num_classes})")
 

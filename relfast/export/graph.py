@@ -4,7 +4,9 @@
 tensors become fake constants), so the joint forward + backward is traced with ``make_fx``, which
 records the aten ops autograd actually runs, the streaming hooks' relfast ops included. The
 resulting ``torch.fx.GraphModule`` takes the model inputs and a target and returns
-``(logits, relevance, explained_target)``; see ``relfast.export.onnx`` and ``relfast.export.torchscript``.
+``(logits, relevance, explained_target)``, then for models with several token streams the other
+maps (``text_relevance``, ``queries_relevance``) and the family's own outputs (DETR:
+``class_logits``, ``pred_boxes``); see ``relfast.export.onnx`` and ``relfast.export.torchscript``.
 """
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,9 +76,9 @@ def checked_path(path: Union[str, Path], suffix: str, writer: str) -> Path:
 def check_flags(writer: str, **flags: Any) -> None:
     """Boolean options (None allowed where the option has an automatic default)."""
     for name, value in flags.items():
-        if not (isinstance(value, bool) or (value is None and name == "dynamic_sequence")):
+        if not (isinstance(value, bool) or (value is None and name in ("dynamic_sequence", "dynamic_batch"))):
             raise ValueError(f"relfast.export.{writer}: argument '{name}' must be True or False"
-                             + (" (or None: automatic)" if name == "dynamic_sequence" else "")
+                             + (" (or None: automatic)" if name in ("dynamic_sequence", "dynamic_batch") else "")
                              + f", got {value!r}")
 
 
@@ -116,29 +118,44 @@ def _check_exportable(explainer: Explainer, named: Dict[str, Tensor], dynamic_se
     if len(batches) != 1 or None in batches or 0 in batches:
         raise ValueError("relfast.export: argument 'example_inputs' must hold tensors with the same non-empty batch "
                          f"dimension, got shapes {[tuple(t.shape) for t in named.values()]}")
+    if not explainer.family.exportable:
+        raise ValueError(f"relfast.export: exporting a {type(explainer.model).__name__} explainer is not supported yet")
     if dynamic_sequence:
         for name, t in named.items():
-            if t.dim() != 2 or t.shape[1] < 2:
+            if not _is_text(t) and t.dim() == 2:
+                continue
+            if _is_text(t) and t.shape[1] < 2:
                 raise ValueError(f"relfast.export: text input '{name}' must have shape (B, N) with N >= 2 for a "
                                  f"dynamic sequence length, got {tuple(t.shape)}")
 
 
-def _explanation_function(explainer: Explainer, names: List[str]):
+def _explanation_function(explainer: Explainer, names: List[str], seen: Dict[str, Any]):
+    """The traced function; ``seen`` receives the output names and the maps' layouts."""
     def explain(*args: Tensor):
         *model_args, target = args
         inputs = dict(zip(names, model_args)) if len(names) > 1 else model_args[0]
-        # In the graph: -1 selects the predicted class, per sample.
-        logits, explained, relevance = explainer._explain(inputs, Targets(graph_tensor=target), traced=True)
-        return logits, relevance, explained  # OUTPUT_NAMES
+        # In the graph: -1 selects the predicted class (DETR: the best query; CLIP: text b for image b).
+        result = explainer._explain(inputs, Targets(graph_tensor=target), traced=True)
+        extra_maps = {f"{name}_relevance": value for name, value in list(result.maps.items())[1:]}
+        extra = {**extra_maps, **explainer.family.export_outputs(result.output)}
+        seen["outputs"] = list(OUTPUT_NAMES) + list(extra)
+        seen["maps"] = {name: output for name, output in zip(result.maps, ["relevance", *extra_maps])}
+        seen["layouts"] = result.layouts
+        return (result.scores, result.relevance, result.explained, *extra.values())
 
     return explain
+
+
+def _is_text(t: Tensor) -> bool:
+    """Token inputs (ids, masks, type ids): integer (B, N); their N is the sequence length."""
+    return t.dim() == 2 and not t.dtype.is_floating_point
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def trace(explainer: Explainer, example_inputs: Any, *, decompose: bool, dynamic_batch: bool = True,
+def trace(explainer: Explainer, example_inputs: Any, *, decompose: bool, dynamic_batch: Optional[bool] = None,
           dynamic_sequence: Optional[bool] = None) -> TracedExplanation:
     """Traces ``explainer`` on ``example_inputs`` into one graph.
 
@@ -146,16 +163,22 @@ def trace(explainer: Explainer, example_inputs: Any, *, decompose: bool, dynamic
         decompose: replace relfast ops by their ``relfast.reference`` definitions (for runtimes
             without the relfast library, e.g. ONNX), and the backward ops ONNX lacks by plain
             ones; else keep them as ``relfast::`` calls.
-        dynamic_batch: the batch size stays a free dimension (else the example's is fixed).
+        dynamic_batch: the batch size stays a free dimension (else the example's is fixed);
+            default True, except for DETR (its position embeddings are cached by shape).
         dynamic_sequence: text models: the sequence length stays free (default True for text).
     """
     if not isinstance(explainer, Explainer):
         raise ValueError(f"relfast.export: argument 'explainer' must be a relfast.Explainer, got "
                          f"{type(explainer).__name__}")
     named = _named_inputs(explainer, example_inputs)
-    vision = explainer.layout.is_vision
-    dynamic_sequence = (not vision) if dynamic_sequence is None else dynamic_sequence
-    if dynamic_sequence and vision:
+    fixed_batch = explainer.family.fixed_batch_export
+    if dynamic_batch and fixed_batch:
+        raise ValueError(f"relfast.export: a {type(explainer.model).__name__} explainer exports with a fixed batch "
+                         f"({fixed_batch}); pass dynamic_batch=False")
+    dynamic_batch = not fixed_batch if dynamic_batch is None else dynamic_batch
+    text = any(_is_text(t) for t in named.values())
+    dynamic_sequence = text if dynamic_sequence is None else dynamic_sequence
+    if dynamic_sequence and not text:
         raise ValueError("relfast.export: 'dynamic_sequence' applies to text models; a vision model's number of "
                          "tokens is fixed by its image size")
     _check_exportable(explainer, named, dynamic_sequence)
@@ -175,8 +198,10 @@ def trace(explainer: Explainer, example_inputs: Any, *, decompose: bool, dynamic
     args = tuple(t[rows.to(t.device)].contiguous() for t in named.values())
     args += (torch.full((batch,), -1, dtype=torch.long, device=device),)
 
-    explain = _explanation_function(explainer, names)
-    graph = make_fx(explain, tracing_mode="symbolic" if dynamic_batch or dynamic_sequence else "real",
+    seen: Dict[str, Any] = {}
+    explain = _explanation_function(explainer, names, seen)
+    # fake, not real, tensors for fixed shapes: HF code then skips its value-dependent shortcuts
+    graph = make_fx(explain, tracing_mode="symbolic" if dynamic_batch or dynamic_sequence else "fake",
                     _allow_non_fake_inputs=True,
                     decomposition_table=PORTABLE_DECOMPOSITIONS if decompose else None)(*args)
     # The exporter and TorchScript see the graph's own argument names.
@@ -188,12 +213,12 @@ def trace(explainer: Explainer, example_inputs: Any, *, decompose: bool, dynamic
         dims: List[Any] = list(t.shape)
         if dynamic_batch:
             dims[0] = BATCH
-        if dynamic_sequence:
+        if dynamic_sequence and _is_text(t):
             dims[1] = SEQUENCE
         return dims
 
-    config = getattr(explainer.model, "config", None)
     logits = graph.graph.output_node().args[0][0].meta["val"]  # the traced output's (fake) tensor
+    first_layout = next(iter(seen["layouts"].values()))
     spec = {
         "format": "relfast-explained-model/1",
         "method": explainer.method,
@@ -202,12 +227,14 @@ def trace(explainer: Explainer, example_inputs: Any, *, decompose: bool, dynamic
         "inputs": [{"name": n, "dtype": _dtype_name(t.dtype), "shape": shape_of(t)} for n, t in named.items()],
         "target": {"name": TARGET_NAME, "dtype": "int64", "shape": [BATCH if dynamic_batch else batch],
                    "default": -1},
-        "outputs": list(OUTPUT_NAMES),
+        "outputs": seen["outputs"],
+        "maps": seen["maps"],
         "num_classes": int(logits.shape[-1]),
-        "vocab_size": getattr(config, "vocab_size", None) if not vision else None,
+        "target_kind": explainer.family.target_kind,
+        "vocab_size": explainer.family.vocab_size() if text else None,
         "max_positions": explainer.family.max_positions(),
-        "num_prefix_tokens": explainer.layout.prefix_tokens,
-        "patch_grid": list(explainer.layout.patch_grid) if vision else None,
-        "patch_size": list(explainer.layout.patch_size) if explainer.layout.patch_size else None,
+        "num_prefix_tokens": first_layout.prefix_tokens,
+        "patch_grid": list(first_layout.patch_grid) if first_layout.is_vision else None,
+        "patch_size": list(first_layout.patch_size) if first_layout.patch_size else None,
     }
     return TracedExplanation(graph, args, spec)

@@ -8,20 +8,23 @@ import torch
 
 from ..explain.explainer import Explainer
 from ..runtime import METADATA_KEY  # the runtime reads what this writes (it imports no torch)
-from .graph import BATCH, OUTPUT_NAMES, SEQUENCE, check_flags, checked_path, trace
+from .graph import BATCH, SEQUENCE, check_flags, checked_path, trace
 
 MIN_OPSET = 18  # torch.onnx's exporter writes opset 18 or newer (older requests are converted, often failing)
 
 
-def to_onnx(explainer: Explainer, example_inputs: Any, path: Union[str, Path], *, dynamic_batch: bool = True,
-            dynamic_sequence: Optional[bool] = None, opset_version: Optional[int] = None,
-            check: bool = True) -> Path:
+def to_onnx(explainer: Explainer, example_inputs: Any, path: Union[str, Path], *,
+            dynamic_batch: Optional[bool] = None, dynamic_sequence: Optional[bool] = None,
+            opset_version: Optional[int] = None, check: bool = True) -> Path:
     """Exports ``explainer`` (its model and method) to one ONNX file.
 
     The graph takes the model inputs (``pixel_values``; or ``input_ids``, ``attention_mask``, ...:
     the tensors of ``example_inputs``, in their order) and ``target`` (int64 (B,), -1 = the
     predicted class), and returns ``logits`` (B, C), ``relevance`` (float32 (B, N), or (B, N, N)
-    with ``full_matrix``) and ``explained_target`` (the classes explained). The relfast ops are decomposed
+    with ``full_matrix``) and ``explained_target`` (the classes explained); two-stream models add
+    their other maps and outputs (CLIP: ``text_relevance``, ``target`` = the text index of each
+    image; DETR: ``queries_relevance``, ``class_logits``, ``pred_boxes``, ``target`` = query
+    indices, ``logits`` (B, Q) each query's best real-class logit). The relfast ops are decomposed
     into standard ONNX ops through their ``relfast.reference`` definitions, so no custom-op library
     is needed. The input description used by :class:`relfast.runtime.OnnxExplainer` to validate
     inputs is stored in the model's metadata (key ``"relfast"``, JSON).
@@ -31,7 +34,8 @@ def to_onnx(explainer: Explainer, example_inputs: Any, path: Union[str, Path], *
             ``attn_gradcam``; ``full_matrix`` and ``aggregate`` are kept).
         example_inputs: a tensor or a dict of tensors as the explainer takes them; any batch size.
         path: the .onnx file to write (its folder is created if missing).
-        dynamic_batch: the batch size is free (default); else fixed to the example's.
+        dynamic_batch: the batch size is free (default; DETR: fixed, its position embeddings are
+            cached by shape); False fixes it to the example's.
         dynamic_sequence: text models: the sequence length is free (default for text).
         opset_version: ONNX opset, >= 18 (default: the exporter's).
         check: run ``onnx.checker`` on the written file.
@@ -62,7 +66,7 @@ def to_onnx(explainer: Explainer, example_inputs: Any, path: Union[str, Path], *
         # The exporter names each dynamic axis once; inputs sharing "batch" make it warn about that.
         warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints")
         program = torch.onnx.export(traced.graph, traced.example_args, dynamo=True, input_names=traced.input_names,
-                                    output_names=list(OUTPUT_NAMES), dynamic_shapes=tuple(dynamic_shapes),
+                                    output_names=traced.spec["outputs"], dynamic_shapes=tuple(dynamic_shapes),
                                     opset_version=opset_version, verbose=False)
     program.model.metadata_props[METADATA_KEY] = json.dumps(traced.spec)
     program.save(str(path))

@@ -68,7 +68,12 @@ def check_inputs(inputs: List[Tensor], names: List[str], dtypes: List[str], shap
     target = inputs[-1]
     if target.numel() > 0:
         low, high = int(target.min()), int(target.max())
-        if low < -1 or high >= num_classes:
+        if num_classes < 0:  # CLIP: the text index of each image, within the batch
+            if low < -1 or high >= target.size(0):
+                raise ValueError("relfast (exported explainer): input 'target' holds text index {}, out of range for "
+                                 "{} texts (-1 = the image's own text)".format(low if low < -1 else high,
+                                                                              target.size(0)))
+        elif low < -1 or high >= num_classes:
             bad = low if low < -1 else high
             raise ValueError("relfast (exported explainer): input 'target' holds class {}, out of range for a model "
                              "with {} classes [0, {}) (-1 = the predicted class)".format(bad, num_classes, num_classes))
@@ -81,7 +86,8 @@ def predicted_when_none(target: Optional[Tensor], first_input: Tensor) -> Tensor
     return target
 
 
-def to_torchscript(explainer: Explainer, example_inputs: Any, path: Union[str, Path], *, dynamic_batch: bool = True,
+def to_torchscript(explainer: Explainer, example_inputs: Any, path: Union[str, Path], *,
+                   dynamic_batch: Optional[bool] = None,
                    dynamic_sequence: Optional[bool] = None) -> Path:
     """Exports ``explainer`` (its model and method) to one TorchScript file.
 
@@ -112,7 +118,8 @@ def to_torchscript(explainer: Explainer, example_inputs: Any, path: Union[str, P
     with graph.graph.inserting_after(resolved):
         graph.graph.call_function(check_inputs, (nodes[:-1] + [resolved], [e["name"] for e in entries],
                                                  [e["dtype"] for e in entries],
-                                                 [_script_shape(e["shape"]) for e in entries], spec["num_classes"],
+                                                 [_script_shape(e["shape"]) for e in entries],
+                                                 -1 if spec["target_kind"] == "text" else spec["num_classes"],
                                                  MAX_ABS_FLOAT_INPUT))
     # The weights become buffers detached from the user's parameters: the backward is explicit ops
     # in the graph, so autograd has nothing to record when the file runs.

@@ -70,7 +70,14 @@ class AttentionCapture(TorchFunctionMode):
         if func is F.embedding and self.freeze and isinstance(result, torch.Tensor) and not result.requires_grad:
             result.requires_grad_()  # the graph's leaf: nothing below the embeddings is differentiated
         elif self.softmax and func in _SOFTMAX and _is_attention_softmax(args, kwargs, result):
-            self.records.append(ProbabilityRecord(result))
+            self.records.append(ProbabilityRecord(self._in_graph(result)))
+        return result
+
+    def _in_graph(self, result: torch.Tensor) -> torch.Tensor:
+        """Attention over constants (DETR's first decoder layer: zero queries plus frozen
+        embeddings) still has a gradient ∇A = ∇O·Vᵀ: its output joins the graph as a leaf."""
+        if self.freeze and not result.requires_grad and result.is_floating_point():
+            result.requires_grad_()
         return result
 
     def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -81,12 +88,16 @@ class AttentionCapture(TorchFunctionMode):
                              "expected (..., heads, tokens, dim)")
         if self.explicit:
             repeats = group_size(query, key, enable_gqa)
-            probabilities = attention_probabilities(query, expand_groups(key, repeats), attn_mask, is_causal, scale)
+            probabilities = self._in_graph(attention_probabilities(query, expand_groups(key, repeats), attn_mask,
+                                                                   is_causal, scale))
             self.records.append(ProbabilityRecord(probabilities))
             return torch.matmul(probabilities, expand_groups(value, repeats))
         record = SdpaRecord(query, key, value, attn_mask, is_causal, scale, enable_gqa)
         self.records.append(record)
-        return record.run(query, key, value, attn_mask)
+        output = record.run(query, key, value, attn_mask)
+        if record.source is None and self.freeze:
+            record.source = self._in_graph(output)
+        return output
 
     def _multi_head(self, args: Tuple, kwargs: Dict[str, Any]):
         bound = _MHA_SIGNATURE.bind(*args, **kwargs)

@@ -39,6 +39,9 @@ class AttentionRecord:
         """∇A (B, H, N_q, N_k) from the gradient of ``source``."""
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Forget anything recomputed for the backward just done (another target's follows)."""
+
 
 class ProbabilityRecord(AttentionRecord):
     """Probabilities that are a tensor of the graph. ``heads_shape`` views a (B·H, N_q, N_k)
@@ -158,6 +161,9 @@ class SdpaRecord(AttentionRecord):
         values = expand_groups(self._value_heads, self._repeats)
         self._shared["dA"] = torch.matmul(source_grad, values.transpose(-2, -1)).expand(self._shape)
         return self._shared["dA"]
+
+    def release(self) -> None:
+        self._shared.clear()
 
     def input_gradients(self, output_grad: Tensor, needs: Tuple[bool, ...]):
         """(dQ, dK, dV, dmask) from ∇O, reusing (and then releasing) the A and ∇A the method

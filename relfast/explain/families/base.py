@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ...runtime import MAX_ABS_FLOAT_INPUT  # numpy only: the bound every entry point applies
 from ..layout import TokenLayout
+from ..targets import Targets
 
 _FAMILIES: List[Type["Family"]] = []
 
@@ -40,6 +41,8 @@ class ModelCall:
     token_mask: Optional[Tensor] = None
     args: Tuple[Any, ...] = ()
     rows: Optional[Tensor] = field(default=None, repr=False)  # (B,) explained tokens, set after the forward
+    pairs: Optional[Tensor] = None  # CLIP: (P, 2) the (image, text) index of each explained pair
+    extras: Dict[str, Any] = field(default_factory=dict, repr=False)  # what a family keeps between its steps
 
 
 class Family:
@@ -57,6 +60,12 @@ class Family:
     needs_callable_target = False
     hf_attention = False
     softmax_capture = False
+    cross_attention = False  # its streams attend to each other (rules 6-11; method 'generic' only)
+    lrp = True  # the LRP relevance pass knows its layers
+    keeps_output = False  # the Explanation keeps the model's (detached) output
+    exportable = True  # relfast.export traces it (tested families only)
+    fixed_batch_export = ""  # why its export needs a fixed batch ("" = it does not)
+    target_kind = "class"  # what the target indexes: "class", "query" (DETR), "text" (CLIP: per image)
 
     def __init__(self, model: torch.nn.Module, layout: Optional[TokenLayout] = None):
         self.model = model
@@ -72,6 +81,21 @@ class Family:
     def num_classes(self) -> Optional[int]:
         """Classes the target indexes (None: not known before the forward)."""
         return None
+
+    def method_layers(self) -> Optional[int]:
+        """The layers a method's ``start_layer`` counts (each stream's, where they differ: the fewest)."""
+        return self.attention_sites()
+
+    def default_start_layer(self, method: str) -> Optional[int]:
+        """The family's own default of the ``start_layer`` option (None: the method's)."""
+        return None
+
+    def vocab_size(self) -> Optional[int]:
+        return getattr(getattr(self.model, "config", None), "vocab_size", None)
+
+    def export_outputs(self, output: Any) -> Dict[str, Tensor]:
+        """Outputs of the model an exported graph returns beside the maps (DETR's boxes)."""
+        return {}
 
     def max_positions(self) -> Optional[int]:
         """Text models with learned absolute positions: the longest sequence they take."""
@@ -123,6 +147,36 @@ class Family:
     def scores(self, output: Any, call: ModelCall) -> Tensor:
         """The (B, C) values a target indexes (a callable target receives them)."""
         return output.logits
+
+    # ---- several token streams (see relfast.explain.streams); one-stream families keep these ----
+
+    def prepare(self, call: ModelCall, targets: Targets) -> Tuple[ModelCall, Targets]:
+        """The call and targets as the engine runs them (CLIP: one row per explained pair)."""
+        return call, targets
+
+    def parse_target(self, target: Any) -> Targets:
+        """The ``target=`` argument, checked before any work."""
+        return Targets.parse(target, self.num_classes())
+
+    def plan(self, records: List[Any], call: ModelCall) -> Optional[Any]:
+        """None for one stream; else an ``IndependentStreams`` or ``CrossPlan`` over ``records``
+        (checked here: every site seen, of the shapes the model's streams give)."""
+        return None
+
+    def explained_rows(self, call: ModelCall, num_tokens: int, device) -> Tensor:
+        """(B,) int64: the explained token of each sample (the layout's, unless the head reads another)."""
+        return self.layout.explained_rows(call.batch, call.token_mask, num_tokens, device)
+
+    def split_maps(self, relevance: Tensor, call: ModelCall) -> Dict[str, Tensor]:
+        """One stream's explained rows as named maps."""
+        return {"image" if self.layout.is_vision else "text": relevance}
+
+    def map_layout(self, name: str) -> TokenLayout:
+        return self.layout
+
+    def finish_maps(self, maps: Dict[str, Tensor], call: ModelCall) -> Dict[str, Tensor]:
+        """Multi-stream maps as the model's reference reads them out."""
+        return maps
 
 
 def family_for(model: torch.nn.Module, layout: Optional[TokenLayout] = None) -> Family:

@@ -4,7 +4,7 @@ A method knows its math, not the model: it gets the attention records of the cal
 order (``relfast.explain.capture``), the explained token of each sample, the targets, and a
 backward that hands it each site's attention gradient as soon as autograd produces it.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -16,6 +16,7 @@ from ..targets import Targets
 
 if TYPE_CHECKING:
     from ..lrp import RelevancePass
+    from ..streams import CrossPlan, Stream
 
 
 @dataclass
@@ -42,10 +43,17 @@ class Run:
     explained: Optional[Tensor]
     targets: Targets
     relevance_pass: Optional["RelevancePass"] = None  # methods with uses_relevance_pass: the LRP pass
+    keep_graph: bool = False  # another stream's backward follows: every backward keeps the graph
+    cross_plan: Optional["CrossPlan"] = None  # streams attending to each other (relfast.explain.streams)
+
+    def for_stream(self, stream: "Stream", keep_graph: bool) -> "Run":
+        """This call as one independent stream: its sites, explained rows, mask and layout."""
+        return replace(self, records=[self.records[i] for i in stream.sites], rows=stream.rows,
+                       token_mask=stream.token_mask, layout=stream.layout, keep_graph=keep_graph)
 
     @property
     def batch(self) -> int:
-        return self.rows.shape[0]
+        return self.scores.shape[0]
 
     @property
     def num_targets(self) -> int:
@@ -56,6 +64,7 @@ class Run:
         """Backward of the k-th explained scalar; ``on_gradient(site, ∇A)`` is called for each of
         ``sites`` in backward order (last site first), as soon as its gradient is complete. The
         backward stops at the earliest of ``sites``."""
+        retain_graph = retain_graph or self.keep_graph
         scalar = self.targets.scalar(self.scores, self.explained, k)
         if not scalar.requires_grad:
             raise ValueError("relfast.Explainer: the explained output does not depend on the model's inputs through "

@@ -1,31 +1,46 @@
-"""[P2] generic rule (rules 5-6): ``R = (I + Ā_L) ··· (I + Ā_1)``, ``Ā = E_h[(∇A ⊙ A)^+]``.
+"""[P2] generic rule (rules 5-6): ``R = (I + Ā_L) ··· (I + Ā_s)``, ``Ā = E_h[(∇A ⊙ A)^+]``.
 
-The explained rows are computed in backward order while autograd produces the attention
-gradients (layer L first), with the fused one-pass ``row_relevance_update``: no per-layer
-storage, never forming Ā, and the backward stops at the first attention site.
+One stream: the explained rows are computed in backward order while autograd produces the
+attention gradients (layer L first), with the fused one-pass ``row_relevance_update``: no
+per-layer storage, never forming Ā, and the backward stops at the first attention site.
+Streams that attend to each other (LXMERT, DETR): rules 6-11 replayed in the model's order
+(``relfast.explain.methods.bimodal``).
 """
 import torch
 
 from ... import ops
-from .base import Method, Run
+from .base import Method, Run, check_start_layer_range, checked_start_layer
 
 
 class Generic(Method):
-    """Options: ``aggregate`` (False: the "w/o aggregation" ablation ``R ← Ā·R``),
-    ``full_matrix`` (all rows of R instead of the explained row), ``use_lrp`` ([P2] supplement §4:
-    the head averaging of transformer attribution, ``Ā = E_h[(∇A ⊙ R_A)^+]`` with ``R_A`` the LRP
-    relevance of the map (``relfast.explain.lrp``, the CVPR rules), instead of ``E_h[(∇A ⊙ A)^+]``)."""
+    """Options: ``aggregate`` (False: the "w/o aggregation" ablation ``R ← Δ``), ``start_layer``
+    (the first layer of the product, default 0; negative counts from the end; CLIP's default is
+    -1, the reference's), ``full_matrix`` (all rows of R instead of the explained row),
+    ``use_lrp`` ([P2] supplement §4: the head averaging of transformer attribution,
+    ``Ā = E_h[(∇A ⊙ R_A)^+]`` with ``R_A`` the LRP relevance of the map (``relfast.explain.lrp``,
+    the CVPR rules), instead of ``E_h[(∇A ⊙ A)^+]``). Cross-attention models only:
+    ``normalize`` (False: the "w/o norm." ablation, R instead of R̄ in rule 10) and
+    ``cross_self_attention`` (False: "Eq. 10 w/o self-attention", ``R^sq ← R^sq + Ā``)."""
 
     name = "generic"
-    option_defaults = {"aggregate": True, "full_matrix": False, "use_lrp": False}
+    option_defaults = {"aggregate": True, "start_layer": 0, "full_matrix": False, "use_lrp": False,
+                       "normalize": True, "cross_self_attention": True}
+    cross_options = ("normalize", "cross_self_attention")  # options of the rules 6-11 only
     conserve = True  # the rules of the relevance pass when use_lrp
     relevance_label = "generic (use_lrp=True)"  # how errors about the relevance pass name the method
 
-    def __init__(self, aggregate: bool = True, full_matrix: bool = False, use_lrp: bool = False):
-        if not isinstance(use_lrp, bool):
-            raise ValueError(f"relfast.Explainer: argument 'use_lrp' must be True or False, got {use_lrp!r}")
-        super().__init__(aggregate=bool(aggregate), _full_matrix=bool(full_matrix), use_lrp=use_lrp,
-                         uses_relevance_pass=use_lrp)
+    def __init__(self, aggregate: bool = True, start_layer: int = 0, full_matrix: bool = False, use_lrp: bool = False,
+                 normalize: bool = True, cross_self_attention: bool = True):
+        for name, value in (("use_lrp", use_lrp), ("aggregate", aggregate), ("normalize", normalize),
+                            ("cross_self_attention", cross_self_attention)):
+            if not isinstance(value, bool):
+                raise ValueError(f"relfast.Explainer: argument '{name}' must be True or False, got {value!r}")
+        super().__init__(aggregate=aggregate, start_layer=checked_start_layer(start_layer),
+                         _full_matrix=bool(full_matrix), use_lrp=use_lrp, uses_relevance_pass=use_lrp,
+                         normalize=normalize, cross_self_attention=cross_self_attention)
+
+    def check_layers(self, layers: int) -> None:
+        check_start_layer_range(self.start_layer, layers)
 
     def initial_rows(self, run: Run, like: torch.Tensor) -> torch.Tensor:
         batch, n = run.batch, like.shape[-1]
@@ -36,10 +51,15 @@ class Generic(Method):
         return rows
 
     def first_site(self, layers: int) -> int:
-        """The first layer of the product (every layer for the generic rule)."""
-        return 0
+        """The first layer of the product."""
+        return self.start_layer % layers
 
-    def relevance(self, run: Run) -> torch.Tensor:
+    def relevance(self, run: Run):
+        if run.cross_plan is not None:
+            from .bimodal import cross_relevance
+
+            return cross_relevance(run, run.cross_plan, aggregate=self.aggregate, normalize=self.normalize,
+                                   cross_self_attention=self.cross_self_attention)
         layers = len(run.records)
         self.check_layers(layers)
         sites = list(range(self.first_site(layers), layers))

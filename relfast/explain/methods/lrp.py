@@ -10,7 +10,7 @@
 """
 import torch
 
-from .base import Method, Run, check_start_layer_range, checked_start_layer
+from .base import Method, Run, check_start_layer_range
 from .generic import Generic
 
 
@@ -32,15 +32,11 @@ class TransformerAttribution(Generic):
     relevance_label = "transformer_attribution"
 
     def __init__(self, start_layer: int = 1):
-        super().__init__(use_lrp=True)
-        self.start_layer = checked_start_layer(start_layer)
+        super().__init__(use_lrp=True, start_layer=start_layer)
 
     def check_layers(self, layers: int) -> None:
         note = " (the default; pass start_layer=0 for a one-layer model)" if self.start_layer == 1 else ""
         check_start_layer_range(self.start_layer, layers, note)
-
-    def first_site(self, layers: int) -> int:
-        return self.start_layer % layers
 
 
 class PartialLrp(_RelevanceMethod):

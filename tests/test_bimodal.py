@@ -1,0 +1,342 @@
+"""[P2] bi-modal and encoder-decoder explanations (CLIP, VisualBERT, LXMERT, DETR): the maps equal
+the float64 one-sample-at-a-time references of ``bimodal_reference.py`` (written apart from the
+engine, on eager copies of the models) for the full method and each ablation of [P2]'s Table 1,
+at batch 3 with padding; batched equals per sample; bad input is refused before any work; the
+model is left as it was."""
+import threading
+
+import pytest
+import torch
+import transformers
+
+import bimodal_models as models
+import bimodal_reference as reference
+import relfast
+from test_model_untouched import model_state, user_setup
+
+ABLATIONS = [{}, {"normalize": False}, {"aggregate": False}, {"cross_self_attention": False}]
+TOLERANCE = 1e-4  # relative to the map's largest entry; float32 maps of float64 math reach ~1e-7
+
+
+def assert_maps_close(actual, expected, what):
+    actual = actual.double()
+    scale = expected.abs().max().clamp_min(1e-30)
+    error = float((actual - expected).abs().max() / scale)
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    assert error <= TOLERANCE, f"{what}: relative error {error:.2e}"
+    assert float(expected.abs().max()) > 0, f"{what}: the reference map is all zero (a test that cannot fail)"
+
+
+def eager(model):
+    model.set_attn_implementation("eager")
+    return model
+
+
+def subset(inputs, index):
+    return {key: value[index:index + 1] for key, value in inputs.items()}
+
+
+# ---- CLIP ----
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("start_layer", [None, 0])
+@pytest.mark.parametrize("aggregate", [True, False])
+def test_clip_pairs_equal_the_reference(attention, start_layer, aggregate):
+    model = models.clip() if attention == "sdpa" else eager(models.clip())
+    inputs = models.clip_inputs(3, 3, seed=1)
+    explainer = relfast.Explainer(model, start_layer=start_layer, aggregate=aggregate)
+    for target in (None, torch.tensor([2, 0, 2]), "all"):
+        out = explainer(inputs, target=target)
+        image, text = reference.clip_reference(model, inputs, out.pairs.tolist(),
+                                               start_layer=-1 if start_layer is None else start_layer,
+                                               aggregate=aggregate)
+        assert_maps_close(out.maps["image"], image, f"image map, target {target}")
+        assert_maps_close(out.maps["text"], text, f"text map, target {target}")
+    assert out.pairs.tolist() == [[i, t] for i in range(3) for t in range(3)]
+    assert out.image_map().shape == (9, 4, 4)
+    similarity = model(**inputs).logits_per_image
+    torch.testing.assert_close(out.logits[:, 0].double(), similarity.reshape(-1).detach())
+    assert out.output is None
+
+
+def test_clip_text_map_sums_to_one_on_the_words_between_start_and_end():
+    inputs = models.clip_inputs(3, 3, seed=2)
+    out = relfast.Explainer(models.clip())(inputs)
+    for p in range(3):
+        eot = reference.clip_pool_position(inputs["input_ids"][p], models.CLIP_EOT)
+        row = out.maps["text"][p]
+        assert eot >= 3
+        torch.testing.assert_close(row[1:eot].sum(), torch.tensor(1.0))
+        assert row[0] == 0 and (row[eot:] == 0).all() and (row[1:eot] > 0).any()
+
+
+def test_clip_batch_equals_per_pair():
+    model, inputs = models.clip(), models.clip_inputs(3, 2, seed=3)
+    explainer = relfast.Explainer(model)
+    out = explainer(inputs, target=[1, 0, 1])
+    for i, t in out.pairs.tolist():
+        alone = explainer({"pixel_values": inputs["pixel_values"][i:i + 1], "input_ids": inputs["input_ids"][t:t + 1],
+                           "attention_mask": inputs["attention_mask"][t:t + 1]})
+        torch.testing.assert_close(out.maps["image"][i], alone.maps["image"][0], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(out.maps["text"][i], alone.maps["text"][0], rtol=1e-5, atol=1e-9)
+
+
+def test_clip_baselines_run_on_each_tower():
+    inputs = models.clip_inputs(2, 2, seed=4)
+    for method in ("rollout", "raw_attention", "attn_gradcam"):
+        out = relfast.Explainer(models.clip(), method)(inputs)
+        assert out.maps["image"].shape == (2, 17) and out.maps["text"].shape == (2, 9)
+        assert torch.isfinite(out.maps["image"]).all()
+
+
+# ---- VisualBERT ----
+
+@pytest.mark.parametrize("aggregate", [True, False])
+@pytest.mark.parametrize("target", [None, [4, 1]])
+def test_visual_bert_equals_the_reference(aggregate, target):
+    model, inputs = models.visual_bert(), models.visual_bert_inputs(3, seed=5)
+    out = relfast.Explainer(model, aggregate=aggregate)(inputs, target=target)
+    per_target = [None] if target is None else [[t] * 3 for t in target]
+    for k, classes in enumerate(per_target):
+        text, image = reference.visual_bert_reference(model, inputs, classes, aggregate=aggregate)
+        got_text = out.maps["text"] if target is None else out.maps["text"][:, k]
+        got_image = out.maps["image"] if target is None else out.maps["image"][:, k]
+        assert_maps_close(got_text, text, "text map")
+        assert_maps_close(got_image, image, "region map")
+    rows = inputs["attention_mask"].sum(1) - 2
+    assert (out.maps["text"][..., 0, :] if target else out.maps["text"])[torch.arange(3), rows].eq(0).all()
+
+
+def test_visual_bert_batch_equals_per_sample():
+    model, inputs = models.visual_bert(), models.visual_bert_inputs(3, seed=6)
+    explainer = relfast.Explainer(model)
+    out = explainer(inputs)
+    for b in range(3):
+        length = int(inputs["attention_mask"][b].sum())
+        alone = explainer({k: (v[b:b + 1, :length] if k in ("input_ids", "attention_mask", "token_type_ids")
+                               else v[b:b + 1]) for k, v in inputs.items()})
+        torch.testing.assert_close(out.maps["text"][b, :length], alone.maps["text"][0], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(out.maps["image"][b], alone.maps["image"][0], rtol=1e-5, atol=1e-9)
+
+
+# ---- LXMERT ----
+
+@pytest.mark.parametrize("options", ABLATIONS, ids=lambda o: ",".join(o) or "full")
+def test_lxmert_equals_the_reference(options):
+    model, inputs = models.lxmert(), models.lxmert_inputs(3, seed=7)
+    out = relfast.Explainer(model, **options)(inputs)
+    text, image = reference.lxmert_reference(model, inputs, **options)
+    assert_maps_close(out.maps["text"], text, "text map")
+    assert_maps_close(out.maps["image"], image, "region map")
+    assert (out.maps["text"][:, 0] == 0).all()
+
+
+def test_lxmert_targets_and_batch():
+    model, inputs = models.lxmert(), models.lxmert_inputs(3, seed=8)
+    explainer = relfast.Explainer(model)
+    out = explainer(inputs, target=torch.tensor([[0, 3], [1, 1], [4, 2]]))
+    for k in range(2):
+        classes = out.target[:, k]
+        single = explainer(inputs, target=classes)
+        torch.testing.assert_close(out.maps["image"][:, k], single.maps["image"], rtol=1e-5, atol=1e-10)
+        text, image = reference.lxmert_reference(model, inputs, classes.tolist())
+        assert_maps_close(out.maps["image"][:, k], image, f"region map, target {k}")
+        assert_maps_close(out.maps["text"][:, k], text, f"text map, target {k}")
+    for b in range(3):
+        torch.testing.assert_close(explainer(subset(inputs, b)).maps["image"][0], explainer(inputs).maps["image"][b],
+                                   rtol=1e-5, atol=1e-10)
+
+
+# ---- DETR ----
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("options", ABLATIONS, ids=lambda o: ",".join(o) or "full")
+def test_detr_query_maps_equal_the_reference(attention, options):
+    model = models.detr() if attention == "sdpa" else eager(models.detr())
+    inputs = models.detr_inputs(3, seed=9)
+    queries = [[0, 3], [1, 2], [5, 4]]
+    out = relfast.Explainer(model, **options)(inputs, target=queries)
+    image, query_maps = reference.detr_reference(model, inputs, queries, **options)
+    assert_maps_close(out.maps["image"], image, "image map")
+    assert_maps_close(out.maps["queries"], query_maps, "query map")
+    assert out.image_map().shape == (3, 2, *models.DETR_GRID)
+    assert out.layouts["image"].patch_grid == models.DETR_GRID
+
+
+def test_detr_default_query_and_batch():
+    model, inputs = models.detr(), models.detr_inputs(3, seed=10)
+    explainer = relfast.Explainer(model)
+    out = explainer(inputs)
+    logits = model(**inputs).logits
+    best = logits[..., :-1].amax(-1).argmax(-1)
+    assert out.target.tolist() == best.tolist()
+    torch.testing.assert_close(out.output.logits, logits.detach())
+    image, _ = reference.detr_reference(model, inputs, best[:, None].tolist())
+    assert_maps_close(out.maps["image"], image[:, 0], "image map of the best query")
+    for b in range(3):
+        torch.testing.assert_close(explainer(subset(inputs, b), target=int(best[b])).maps["image"][0],
+                                   out.maps["image"][b], rtol=1e-5, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lower_precision_models_stay_near_the_float64_reference(dtype):
+    tolerance = {torch.float32: 1e-3, torch.bfloat16: 0.15}[dtype]
+    model, inputs = models.detr(), models.detr_inputs(2, seed=11)
+    expected, _ = reference.detr_reference(model, inputs, [[1], [2]])
+    low = models.detr().to(dtype)
+    out = relfast.Explainer(low)({"pixel_values": inputs["pixel_values"].to(dtype)}, target=[[1], [2]])
+    error = float((out.maps["image"].double() - expected).abs().max() / expected.abs().max())
+    assert error <= tolerance, error
+
+
+# ---- bad input: refused before any work ----
+
+def counting(model):
+    calls = []
+    model.register_forward_pre_hook(lambda *args: calls.append(1))
+    return calls
+
+
+def bart():
+    config = transformers.BartConfig(vocab_size=60, d_model=32, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_position_embeddings=32, num_labels=3)
+    return transformers.BartForSequenceClassification(config).eval()
+
+
+BAD = {
+    "clip batches of different sizes": (models.clip, lambda: models.clip_inputs(2, 3, 0), {}, None,
+                                        "different sizes (3 texts, 2 images)"),
+    "clip pair index out of range": (models.clip, lambda: models.clip_inputs(2, 3, 0), {}, torch.tensor([0, 3]),
+                                     "text index 3, out of range for 3 texts"),
+    "clip negative pair index": (models.clip, lambda: models.clip_inputs(2, 2, 0), {}, [0, -1], "text index -1"),
+    "clip one index per image": (models.clip, lambda: models.clip_inputs(2, 2, 0), {}, torch.tensor([0, 1, 1]),
+                                 "3 text indices but the batch has 2 images"),
+    "clip callable target": (models.clip, lambda: models.clip_inputs(2, 2, 0), {}, lambda s: s[:, 0], "not a callable"),
+    "clip unknown target word": (models.clip, lambda: models.clip_inputs(2, 2, 0), {}, "pairs", "'all'"),
+    "clip without images": (models.clip, lambda: {"input_ids": torch.ones(2, 3, dtype=torch.long)}, {}, None,
+                            "'pixel_values'"),
+    "detr query out of range": (models.detr, lambda: models.detr_inputs(2, 0), {}, 6,
+                                "query 6, out of range for a model with 6 queries"),
+    "detr callable target": (models.detr, lambda: models.detr_inputs(2, 0), {}, lambda s: s[:, 0], "query indices"),
+    "detr NaN pixels": (models.detr, lambda: {"pixel_values": torch.full((1, 3, 64, 64), float("nan"),
+                                                                          dtype=torch.float64)}, {}, None, "NaN"),
+    "lxmert batch mismatch": (models.lxmert, lambda: {**models.lxmert_inputs(2, 0),
+                                                      "visual_feats": models.lxmert_inputs(3, 0)["visual_feats"],
+                                                      "visual_pos": models.lxmert_inputs(3, 0)["visual_pos"]}, {},
+                              None, "2 texts but 3 'visual_feats'"),
+    "lxmert target out of range": (models.lxmert, lambda: models.lxmert_inputs(2, 0), {}, 5, "out of range"),
+    "visual bert without attention mask": (models.visual_bert, lambda: {
+        k: v for k, v in models.visual_bert_inputs(2, 0).items() if k != "attention_mask"}, {}, None,
+        "'attention_mask'"),
+    "visual bert region width": (models.visual_bert, lambda: {**models.visual_bert_inputs(2, 0),
+                                                              "visual_embeds": torch.zeros(2, 6, 5)}, {}, None,
+                                 "(B, regions >= 1, 12)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_refused_before_any_work(case):
+    build, make_inputs, options, target, message = BAD[case]
+    model = build()
+    calls = counting(model)
+    with pytest.raises(ValueError, match=_escaped(message)):
+        relfast.Explainer(model, **options)(make_inputs(), target=target)
+    assert calls == [], "the model ran before the error"
+
+
+BAD_OPTIONS = {
+    "rollout on lxmert": (models.lxmert, {"method": "rollout"}, "cross-attention, which method 'generic' explains"),
+    "transformer attribution on detr": (models.detr, {"method": "transformer_attribution"}, "cross-attention"),
+    "use_lrp on detr": (models.detr, {"use_lrp": True}, "use_lrp=True"),
+    "start_layer on lxmert": (models.lxmert, {"start_layer": 1}, "'start_layer' does not apply"),
+    "lrp on clip": (models.clip, {"method": "lrp"}, "needs LRP rules"),
+    "ablation on clip": (models.clip, {"normalize": False}, "has none"),
+    "clip start_layer out of range": (models.clip, {"start_layer": 2}, "out of range"),
+    "unsupported cross-attention model": (bart, {}, "unsupported model BartForSequenceClassification"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_OPTIONS)
+def test_bad_options_are_refused_when_the_explainer_is_made(case):
+    build, options, message = BAD_OPTIONS[case]
+    with pytest.raises(ValueError, match=_escaped(message)):
+        relfast.Explainer(build(), **options)
+
+
+def _escaped(message):
+    import re
+    return re.escape(message)
+
+
+# ---- the user's model is sacred ----
+
+CASES = {
+    "clip": (models.clip, lambda: models.clip_inputs(2, 2, 0), "all"),
+    "visual_bert": (models.visual_bert, lambda: models.visual_bert_inputs(2, 0), None),
+    "lxmert": (models.lxmert, lambda: models.lxmert_inputs(2, 0), [0, 1]),
+    "detr": (models.detr, lambda: models.detr_inputs(2, 0), [1, 2]),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_model_untouched_and_threads_agree(name):
+    build, make_inputs, target = CASES[name]
+    model, inputs = build(), make_inputs()
+    calls = user_setup(model)
+    before = model_state(model)
+    explainer = relfast.Explainer(model)
+    expected = explainer(inputs, target=target)
+    assert model_state(model) == before and len(calls) == 1
+    results = [None] * 6
+
+    def work(i):
+        results[i] = explainer(inputs, target=target)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result in results:
+        for key, value in expected.maps.items():
+            torch.testing.assert_close(result.maps[key], value)
+    assert model_state(model) == before
+
+
+def test_clip_towers_alone_give_the_pair_maps():
+    """Each tower with a callable target (the similarity to the other tower's fixed embedding)
+    sees the gradient the pair's logit gives it, so its map is the pair's."""
+    model, inputs = models.clip(), models.clip_inputs(3, 3, seed=12)
+    pair = relfast.Explainer(model)(inputs)
+    model.config.vision_config.projection_dim = model.config.text_config.projection_dim = model.config.projection_dim
+    vision = transformers.CLIPVisionModelWithProjection(model.config.vision_config).double().eval()
+    vision.vision_model.load_state_dict(model.vision_model.state_dict())
+    vision.visual_projection.load_state_dict(model.visual_projection.state_dict())
+    text = transformers.CLIPTextModelWithProjection(model.config.text_config).double().eval()
+    text.text_model.load_state_dict(model.text_model.state_dict())
+    text.text_projection.load_state_dict(model.text_projection.state_dict())
+    with torch.no_grad():
+        image_embeds = vision(pixel_values=inputs["pixel_values"]).image_embeds
+        text_embeds = text(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).text_embeds
+    scale = model.logit_scale.exp().detach()
+
+    def similarity_to(fixed):
+        unit = fixed / fixed.norm(dim=-1, keepdim=True)
+        return lambda embeds: scale * (embeds / embeds.norm(dim=-1, keepdim=True) * unit).sum(-1)
+
+    image_only = relfast.Explainer(vision)(inputs["pixel_values"], target=similarity_to(text_embeds))
+    text_only = relfast.Explainer(text)({"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]},
+                                        target=similarity_to(image_embeds))
+    torch.testing.assert_close(image_only.maps["image"], pair.maps["image"], rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(text_only.maps["text"], pair.maps["text"], rtol=1e-5, atol=1e-9)
+
+
+def test_detr_maps_of_every_query_feed_algorithm_1():
+    model, inputs = models.detr(), models.detr_inputs(2, seed=13)
+    out = relfast.Explainer(model)(inputs, target=[list(range(6))])
+    masks = relfast.eval.detr_masks(out.image_map(), out.output.logits, (16, 16), (64, 64), threshold=0.0)
+    assert masks.shape == (2, 6, 1, 64, 64) and masks.dtype == torch.bool
+    assert masks.any(dim=(2, 3, 4)).all(), "a zero threshold keeps every query, each with a non-empty mask"
+    none = relfast.eval.detr_masks(out.image_map(), out.output.logits, (16, 16), (64, 64), threshold=0.99)
+    assert not none.any()
