@@ -474,6 +474,8 @@ def evaluate_methods(args) -> None:
         _fail(f"--model {args.model} is not a checkpoint file")
     if args.data == "digits" and args.test == "segmentation":
         _fail("--test segmentation needs object masks, which the digits have not; use --data shapes")
+    if args.data == "sentiment" and args.model is not None:
+        _fail("--model does not apply to --data sentiment (the shipped MiniLM sentiment model is evaluated)")
     model = _load_checkpoint(args.model) if args.model else None
     suite = table.SUITES[args.data](model, samples=args.samples)
     tests = table.TESTS if args.test == "all" else (args.test,)
@@ -520,15 +522,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     export.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     export.add_argument("--out", required=True, help="the file to write (.onnx or .pt)")
     evaluation = commands.add_parser("eval", help="the papers' perturbation and segmentation tests on held-out data")
-    evaluation.add_argument("--data", choices=("shapes", "digits"), default="shapes",
+    evaluation.add_argument("--data", choices=("shapes", "digits", "sentiment"), default="shapes",
                             help="shapes: Shapes images no training run saw (masks known; default); digits: the 500 "
-                            "held-out real digits (perturbation only)")
+                            "held-out real digits (perturbation only); sentiment: 500 held-out lexicon sentences "
+                            "with known rationales (MiniLM; segmentation = rationale AP)")
     evaluation.add_argument("--model", help="a checkpoint from scripts/train_default_model.py or "
                             "scripts/train_digits_model.py (default: the shipped model of --data)")
     evaluation.add_argument("--methods", nargs="+", default=["generic", "rollout", "raw_attention", "random"],
                             help="methods (any of relfast's, plus the references 'random' and 'occlusion')")
     evaluation.add_argument("--test", choices=("perturbation", "segmentation", "all"), default="all")
-    evaluation.add_argument("--samples", type=int, default=256, help="held-out images (default 256; digits: at "
+    evaluation.add_argument("--samples", type=int, default=256, help="held-out samples (default 256; digits: at "
                             "most 500)")
     evaluation.add_argument("--steps", type=int, default=10, help="perturbation steps (fractions 0, 1/steps, ...)")
     evaluation.add_argument("--out", required=True, help="a folder for results.csv and curves.png")

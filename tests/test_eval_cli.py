@@ -79,3 +79,45 @@ def test_references_are_called_like_an_explainer():
     with torch.no_grad():
         drop = explainer.model(pixels[:1]).logits[0, 0] - explainer.model(occluded).logits[0, 0]
     torch.testing.assert_close(occlusion.image_map()[0, 2, 5], drop, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_on_sentiment_rationales(tmp_path):
+    result = run("--data", "sentiment", "--methods", "generic", "random", "--samples", "40", "--steps", "4",
+                 "--out", str(tmp_path / "s"), "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    generic, random = list(csv.DictReader(open(tmp_path / "s" / "results.csv")))
+    assert float(generic["rationale_ap"]) > float(random["rationale_ap"])
+    assert float(generic["positive_auc"]) < float(random["positive_auc"])
+
+
+def test_sentiment_sentences_and_model():
+    from relfast.data.sentiment import lexicon_words, make_sentences
+
+    inputs, labels, rationale = make_sentences(60, "held_out")
+    train_inputs, _, train_rationale = make_sentences(60, "train")
+    held_out_words = set(inputs["input_ids"][rationale].tolist())
+    assert held_out_words.isdisjoint(train_inputs["input_ids"][train_rationale].tolist())
+    counts = rationale.sum(1)
+    assert ((counts >= 1) & (counts <= 2)).all() and set(labels.tolist()) == {0, 1}
+    positive, negative = lexicon_words()
+    assert len(positive) > 100 and len(negative) > 100
+    with torch.no_grad():
+        predicted = relfast.models.sentiment_model()(**inputs).logits.argmax(-1)
+    assert (predicted == labels).float().mean() > 0.9
+
+
+def test_rationale_ap_of_an_oracle_and_an_inverted_map():
+    from relfast.eval import rationale_ap
+
+    inputs = {"input_ids": torch.tensor([[101, 5, 6, 7, 102, 0], [101, 8, 9, 102, 0, 0]]),
+              "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]])}
+    rationale = torch.tensor([[0, 0, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0]], dtype=torch.bool)
+
+    def explainer_of(relevance):
+        return lambda batch, target=None: relfast.Explanation(torch.zeros(2, 2), None, relevance,
+                                                              relfast.TokenLayout())
+
+    oracle = rationale.float() + 0.1  # [CLS], [SEP] and padding are left out of the ranking
+    assert rationale_ap(explainer_of(oracle), inputs, rationale, progress=False) == pytest.approx(1.0)
+    # inverted: sentence 1 ranks its rationale 3rd of 3 (AP 1/3), sentence 2 2nd of 2 (AP 1/2)
+    assert rationale_ap(explainer_of(-oracle), inputs, rationale, progress=False) == pytest.approx((1 / 3 + 1 / 2) / 2)

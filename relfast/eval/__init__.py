@@ -3,7 +3,8 @@
 detections from their relevance maps (``detr_masks``)."""
 from .detr import detr_masks
 from .perturbation import PerturbationCurve, area_under_curve, perturbation, perturbation_curve
+from .rationale import rationale_ap
 from .segmentation import SegmentationScores, SegmentationTotals, segmentation
 
 __all__ = ["detr_masks", "perturbation", "perturbation_curve", "area_under_curve", "PerturbationCurve",
-           "segmentation", "SegmentationScores", "SegmentationTotals"]
+           "segmentation", "SegmentationScores", "SegmentationTotals", "rationale_ap"]

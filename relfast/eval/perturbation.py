@@ -114,7 +114,7 @@ def perturbation_curve(predict: Callable[[Data], Tensor], data: Data, labels: Te
     return np.asarray(correct, dtype=np.float64)
 
 
-def perturbation(explainer, data: Data, labels: Tensor, *, positive: bool = True, steps: int = 10,
+def perturbation(explainer, data: Data, labels: Tensor, *, positive: Union[bool, str] = True, steps: int = 10,
                  preprocess: Optional[Callable[[Tensor], Tensor]] = None, target: str = "predicted",
                  mask_token_id: Optional[int] = None, pad_token_id: int = 0, batch_size: int = 32,
                  progress: bool = True) -> PerturbationCurve:
@@ -125,7 +125,8 @@ def perturbation(explainer, data: Data, labels: Tensor, *, positive: bool = True
         data: images (N, C, H, W) in [0, 1] (the model gets ``preprocess(images)``), or a
             tokenizer's dict of (N, L) tensors.
         labels: (N,) the true classes; accuracy counts predictions equal to them.
-        positive: remove the most relevant first (else the least).
+        positive: remove the most relevant first (else the least); "both": the two curves
+            (positive, negative) from one explanation per batch.
         steps: the fractions 0, 1/steps, ..., (steps-1)/steps ([P1]: 10).
         target: "predicted" (explain each sample's predicted class, [P1]) or "label".
         mask_token_id: text: replace removed tokens by it (e.g. ``tokenizer.mask_token_id``);
@@ -136,6 +137,9 @@ def perturbation(explainer, data: Data, labels: Tensor, *, positive: bool = True
 
     where = "relfast.eval.perturbation"
     fractions = _fractions(steps)
+    if positive not in (True, False, "both"):
+        raise ValueError(f"{where}: argument 'positive' must be True, False or 'both', got {positive!r}")
+    directions = (True, False) if positive == "both" else (bool(positive),)
     if target not in ("predicted", "label"):
         raise ValueError(f"{where}: argument 'target' must be 'predicted' or 'label', got {target!r}")
     images = isinstance(data, Tensor)
@@ -169,19 +173,21 @@ def perturbation(explainer, data: Data, labels: Tensor, *, positive: bool = True
             return remove_patches(batch, removed, layout.patch_grid, layout.patch_size)
         return remove_tokens(batch, removed, mask_token_id, pad_token_id)
 
-    correct = np.zeros(len(fractions))
+    correct = {direction: np.zeros(len(fractions)) for direction in directions}
     starts = range(0, count, batch_size)
-    for start in tqdm(starts, desc=f"perturbation ({'positive' if positive else 'negative'})", unit="batch",
-                      disable=not progress):
+    label = "both" if positive == "both" else ("positive" if positive else "negative")
+    for start in tqdm(starts, desc=f"perturbation ({label})", unit="batch", disable=not progress):
         batch = data[start:start + batch_size] if images else {k: v[start:start + batch_size] for k, v in data.items()}
         batch_labels = labels[start:start + batch_size]
         explained = predict(batch) if target == "predicted" else batch_labels
         out = explainer(model_inputs(batch), target=explained)
         scores, rankable = _scores(out, batch, layout, images)
-        correct += perturbation_curve(predict, batch, batch_labels, scores, rankable, remove, positive=positive,
-                                      steps=steps)
-    accuracy = correct / count
-    return PerturbationCurve(fractions, accuracy, area_under_curve(fractions, accuracy), positive)
+        for direction in directions:
+            correct[direction] += perturbation_curve(predict, batch, batch_labels, scores, rankable, remove,
+                                                     positive=direction, steps=steps)
+    curves = tuple(PerturbationCurve(fractions, correct[d] / count, area_under_curve(fractions, correct[d] / count), d)
+                   for d in directions)
+    return curves if positive == "both" else curves[0]
 
 
 def _scores(out, batch: Data, layout, images: bool):

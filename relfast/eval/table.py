@@ -6,16 +6,19 @@ Data sets the project ships (nothing is downloaded):
   (training: 0, its accuracy check: 10 000; here: 20 000), masks known, so both tests run.
 - ``digits``: the digits model's 500 held-out real scans (scikit-learn's digits); no masks, so
   perturbation only.
+- ``sentiment``: MiniLM with the shipped sentiment head, on 500 held-out lexicon sentences whose
+  lexicon words training never saw; the rationale (those words) takes the place of masks.
 """
 import csv
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from .perturbation import PerturbationCurve, perturbation
+from .rationale import rationale_ap
 from .references import Occlusion, RandomMap
 from .segmentation import SegmentationScores, segmentation
 
@@ -26,14 +29,20 @@ TESTS = ("perturbation", "segmentation")
 
 @dataclass
 class Suite:
-    """A model and its held-out data: images in [0, 1], labels, masks (None: no segmentation)."""
+    """A model and its held-out data: images in [0, 1] (or a tokenizer's dict), labels, masks
+    (None: no segmentation), rationale (text: the tokens that decide the label)."""
 
     name: str
     model: torch.nn.Module
-    images: Tensor
+    images: Union[Tensor, Dict[str, Tensor]]
     labels: Tensor
     masks: Optional[Tensor]
     preprocess: Callable[[Tensor], Tensor]
+    rationale: Optional[Tensor] = None
+
+    @property
+    def is_text(self) -> bool:
+        return isinstance(self.images, dict)
 
 
 def shapes_suite(model: Optional[torch.nn.Module] = None, samples: int = 256) -> Suite:
@@ -53,7 +62,16 @@ def digits_suite(model: Optional[torch.nn.Module] = None, samples: int = 500) ->
                  normalize)
 
 
-SUITES = {"shapes": shapes_suite, "digits": digits_suite}
+def sentiment_suite(model: Optional[torch.nn.Module] = None, samples: int = 500) -> Suite:
+    from ..data.sentiment import make_sentences
+    from ..models import sentiment_model
+
+    inputs, labels, rationale = make_sentences(samples, "held_out")
+    return Suite("sentiment", model if model is not None else sentiment_model(), inputs, labels, None, lambda x: x,
+                 rationale)
+
+
+SUITES = {"shapes": shapes_suite, "digits": digits_suite, "sentiment": sentiment_suite}
 
 
 @dataclass
@@ -62,7 +80,7 @@ class Row:
     positive: Optional[PerturbationCurve] = None
     negative: Optional[PerturbationCurve] = None
     segmentation: Optional[SegmentationScores] = None
-    extra: Dict[str, float] = field(default_factory=dict)
+    rationale_ap: Optional[float] = None
 
     def values(self) -> Dict[str, object]:
         seg = self.segmentation
@@ -71,7 +89,8 @@ class Row:
                 "negative_auc": None if self.negative is None else round(self.negative.auc, 2),
                 "pixel_accuracy": None if seg is None else round(seg.pixel_accuracy, 4),
                 "miou": None if seg is None else round(seg.miou, 4),
-                "mean_ap": None if seg is None else round(seg.mean_ap, 4)}
+                "mean_ap": None if seg is None else round(seg.mean_ap, 4),
+                "rationale_ap": None if self.rationale_ap is None else round(self.rationale_ap, 4)}
 
 
 def explainer_for(suite: Suite, method: str):
@@ -82,6 +101,8 @@ def explainer_for(suite: Suite, method: str):
         base = Explainer(suite.model)
         if method == "random":
             return RandomMap(base)
+        if suite.is_text:
+            return Occlusion(base)  # a token deleted: padded and masked out
         return Occlusion(base, baseline=suite.preprocess(torch.zeros(1, suite.images.shape[1], 1, 1))[0, :, 0, 0])
     return Explainer(suite.model, method)
 
@@ -94,16 +115,19 @@ def evaluate(suite: Suite, methods: Sequence[str], tests: Sequence[str] = TESTS,
         row = Row(method)
         common = dict(preprocess=suite.preprocess, batch_size=batch_size, progress=progress)
         if "perturbation" in tests:
-            row.positive = perturbation(explainer, suite.images, suite.labels, positive=True, steps=steps, **common)
-            row.negative = perturbation(explainer, suite.images, suite.labels, positive=False, steps=steps, **common)
+            row.positive, row.negative = perturbation(explainer, suite.images, suite.labels, positive="both",
+                                                      steps=steps, **common)
         if "segmentation" in tests and suite.masks is not None:
             row.segmentation = segmentation(explainer, suite.images, suite.masks, **common)
+        if "segmentation" in tests and suite.rationale is not None:
+            row.rationale_ap = rationale_ap(explainer, suite.images, suite.rationale, batch_size=batch_size,
+                                            progress=progress)
         rows.append(row)
     return rows
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    header = ["method", "positive_auc", "negative_auc", "pixel_accuracy", "miou", "mean_ap"]
+    header = ["method", "positive_auc", "negative_auc", "pixel_accuracy", "miou", "mean_ap", "rationale_ap"]
     lines = [" ".join(f"{h:>14}" for h in header)]
     for row in rows:
         values = row.values()
@@ -136,7 +160,7 @@ def plot_curves(rows: Sequence[Row], path: Path, title: str = "") -> Path:
                 axis.plot(curve.fractions, curve.accuracy, marker="o", markersize=3,
                           label=f"{row.method} (AUC {curve.auc:.1f})")
         axis.set_title(f"{kind} perturbation ({'lower' if kind == 'positive' else 'higher'} is better)", fontsize=10)
-        axis.set_xlabel("fraction of patches removed")
+        axis.set_xlabel("fraction removed")
         axis.legend(fontsize=8)
     axes[0].set_ylabel("accuracy")
     if title:
