@@ -459,13 +459,14 @@ def export_model(args) -> None:
 
 
 def evaluate_methods(args) -> None:
-    """Every method named on the model's held-out data: the table on stdout, CSV and PNG in --out."""
+    """Every method named on held-out data: the table on stdout, results.csv and curves.png in
+    --out (with --data all: one subfolder per data set)."""
     from relfast.eval import table
 
     unknown = [m for m in args.methods if m not in _eval_methods()]
     if unknown:
         _fail(f"--methods: unknown method(s) {', '.join(unknown)}; choose among {', '.join(_eval_methods())}")
-    if args.samples < 1 or args.steps < 2:
+    if (args.samples is not None and args.samples < 1) or args.steps < 2:
         _fail("--samples must be >= 1 and --steps >= 2")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -474,20 +475,26 @@ def evaluate_methods(args) -> None:
         _fail(f"--model {args.model} is not a checkpoint file")
     if args.data == "digits" and args.test == "segmentation":
         _fail("--test segmentation needs object masks, which the digits have not; use --data shapes")
-    if args.data == "sentiment" and args.model is not None:
-        _fail("--model does not apply to --data sentiment (the shipped MiniLM sentiment model is evaluated)")
+    if args.data in ("sentiment", "all") and args.model is not None:
+        _fail(f"--model does not apply to --data {args.data} (the shipped models are evaluated)")
     model = _load_checkpoint(args.model) if args.model else None
-    suite = table.SUITES[args.data](model, samples=args.samples)
-    tests = table.TESTS if args.test == "all" else (args.test,)
-    with _as_cli_error():
-        rows = table.evaluate(suite, args.methods, tests, steps=args.steps, progress=not args.quiet)
-    out.mkdir(parents=True, exist_ok=True)
-    table.write_csv(rows, out / "results.csv")
-    if "perturbation" in tests:
-        table.plot_curves(rows, out / "curves.png", title=f"{suite.name}: {len(suite.labels)} held-out images")
-    print(table.format_table(rows))
-    if not args.quiet:
-        print(f"wrote {out / 'results.csv'}" + (f" and {out / 'curves.png'}" if "perturbation" in tests else ""))
+    names = list(table.SUITES) if args.data == "all" else [args.data]
+    for name in names:
+        sized = {} if args.samples is None else {"samples": args.samples}
+        suite = table.SUITES[name](model, **sized)
+        tests = table.TESTS if args.test == "all" else (args.test,)
+        with _as_cli_error():
+            rows = table.evaluate(suite, args.methods, tests, steps=args.steps, progress=not args.quiet)
+        folder = out / name if args.data == "all" else out
+        folder.mkdir(parents=True, exist_ok=True)
+        table.write_csv(rows, folder / "results.csv")
+        if "perturbation" in tests:
+            table.plot_curves(rows, folder / "curves.png", title=f"{suite.name}: {len(suite.labels)} held-out samples")
+        if len(names) > 1:
+            print(f"\n{name} ({len(suite.labels)} held-out samples)")
+        print(table.format_table(rows))
+        if not args.quiet:
+            print(f"wrote {folder / 'results.csv'}" + (f" and {folder / 'curves.png'}" if "perturbation" in tests else ""))
 
 
 def _eval_methods() -> List[str]:
@@ -522,17 +529,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     export.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     export.add_argument("--out", required=True, help="the file to write (.onnx or .pt)")
     evaluation = commands.add_parser("eval", help="the papers' perturbation and segmentation tests on held-out data")
-    evaluation.add_argument("--data", choices=("shapes", "digits", "sentiment"), default="shapes",
+    evaluation.add_argument("--data", choices=("shapes", "digits", "sentiment", "all"), default="shapes",
                             help="shapes: Shapes images no training run saw (masks known; default); digits: the 500 "
                             "held-out real digits (perturbation only); sentiment: 500 held-out lexicon sentences "
-                            "with known rationales (MiniLM; segmentation = rationale AP)")
+                            "with known rationales (MiniLM; segmentation = rationale AP); all: the three, one subfolder each")
     evaluation.add_argument("--model", help="a checkpoint from scripts/train_default_model.py or "
                             "scripts/train_digits_model.py (default: the shipped model of --data)")
     evaluation.add_argument("--methods", nargs="+", default=["generic", "rollout", "raw_attention", "random"],
                             help="methods (any of relfast's, plus the references 'random' and 'occlusion')")
     evaluation.add_argument("--test", choices=("perturbation", "segmentation", "all"), default="all")
-    evaluation.add_argument("--samples", type=int, default=256, help="held-out samples (default 256; digits: at "
-                            "most 500)")
+    evaluation.add_argument("--samples", type=int, default=None, help="held-out samples (default: shapes 256, "
+                            "digits 500 (all of them), sentiment 500)")
     evaluation.add_argument("--steps", type=int, default=10, help="perturbation steps (fractions 0, 1/steps, ...)")
     evaluation.add_argument("--out", required=True, help="a folder for results.csv and curves.png")
     evaluation.add_argument("--quiet", action="store_true", help="print the table only")

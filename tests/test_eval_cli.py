@@ -121,3 +121,12 @@ def test_rationale_ap_of_an_oracle_and_an_inverted_map():
     assert rationale_ap(explainer_of(oracle), inputs, rationale, progress=False) == pytest.approx(1.0)
     # inverted: sentence 1 ranks its rationale 3rd of 3 (AP 1/3), sentence 2 2nd of 2 (AP 1/2)
     assert rationale_ap(explainer_of(-oracle), inputs, rationale, progress=False) == pytest.approx((1 / 3 + 1 / 2) / 2)
+
+
+def test_eval_all_data_sets_into_one_folder_each(tmp_path):
+    result = run("--data", "all", "--methods", "generic", "--samples", "12", "--steps", "3", "--out", str(tmp_path),
+                 "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("shapes", "digits", "sentiment"):
+        assert (tmp_path / name / "results.csv").is_file() and (tmp_path / name / "curves.png").is_file()
+        assert f"{name} (12 held-out samples)" in result.stdout
