@@ -1,0 +1,47 @@
+"""Serving hygiene (issue 13): 1,000 repeated explanations in one process leave the resident set
+flat after warm-up: nothing of a call (records, graphs, recomputed attention) outlives it."""
+import gc
+
+import pytest
+import torch
+
+import bimodal_models as models
+import relfast
+
+BOUND_MIB = 16.0  # measured growth: under 1 MiB over 1,000 calls of the default model
+
+
+def resident_mib() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+def growth_after_warm_up(call, repeats: int, warm_up: int = 100) -> float:
+    for _ in range(warm_up):
+        call()
+    gc.collect()
+    start = resident_mib()
+    for _ in range(repeats):
+        call()
+    gc.collect()
+    return resident_mib() - start
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("method", ["generic", "rollout"])
+def test_a_thousand_explanations_keep_memory_flat(method):
+    explainer = relfast.Explainer(relfast.models.default_model(), method)
+    pixels = relfast.data.normalize(relfast.data.make_shapes(8, seed=1)[0])
+    growth = growth_after_warm_up(lambda: explainer(pixels), 1000)
+    assert growth < BOUND_MIB, f"resident memory grew by {growth:.1f} MiB over 1,000 calls"
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("name", ["clip", "lxmert", "detr"])
+def test_two_stream_explanations_keep_memory_flat(name):
+    build, make_inputs, target = {"clip": (models.clip, lambda: models.clip_inputs(2, 2, 0), "all"),
+                                  "lxmert": (models.lxmert, lambda: models.lxmert_inputs(2, 0), [0, 1]),
+                                  "detr": (models.detr, lambda: models.detr_inputs(2, 0), [1, 2])}[name]
+    explainer, inputs = relfast.Explainer(build()), make_inputs()
+    growth = growth_after_warm_up(lambda: explainer(inputs, target=target), 300, warm_up=50)
+    assert growth < BOUND_MIB, f"resident memory grew by {growth:.1f} MiB over 300 calls"
