@@ -162,11 +162,7 @@ def perturbation(explainer, data: Data, labels: Tensor, *, positive: Union[bool,
         return preprocess(batch) if images else batch
 
     def predict(batch: Data) -> Tensor:
-        family = explainer.family
-        call = family.parse(model_inputs(batch))
-        with torch.no_grad():
-            output, _ = family.forward(call, output_attentions=False)
-            return family.scores(output, call).argmax(dim=-1)
+        return explainer.family.plain_scores(model_inputs(batch)).argmax(dim=-1)
 
     def remove(batch: Data, removed: Tensor) -> Data:
         if images:

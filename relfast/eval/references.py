@@ -24,10 +24,7 @@ class _Reference:
             explainer.model
 
     def _scores(self, inputs) -> Tensor:
-        call = self.family.parse(inputs)
-        with torch.no_grad():
-            output, _ = self.family.forward(call, output_attentions=False)
-            return self.family.scores(output, call)
+        return self.family.plain_scores(inputs)
 
     def _explanation(self, scores: Tensor, target: Tensor, relevance: Tensor) -> Explanation:
         return Explanation(scores, target, relevance.float(), self.layout)

@@ -197,16 +197,9 @@ def _is_op_overflow(error: ValueError) -> bool:
 
 
 def _detached(output: Any) -> Any:
-    """The model's output without its graph (tensors, tuples and HF ModelOutputs)."""
-    if isinstance(output, Tensor):
-        return output.detach()
-    if isinstance(output, dict):  # HF ModelOutput is an OrderedDict
-        detached = type(output)(**{k: _detached(v) for k, v in output.items()}) if dataclasses.is_dataclass(output) \
-            else {k: _detached(v) for k, v in output.items()}
-        return detached
-    if isinstance(output, (tuple, list)) and not hasattr(output, "_fields"):
-        return type(output)(_detached(v) for v in output)
-    return output
+    """An HF ModelOutput (a dataclass dict) without its graph: its tensors detached."""
+    return type(output)(**{key: value.detach() if isinstance(value, Tensor) else value
+                           for key, value in output.items()})
 
 
 def _device(call: ModelCall):

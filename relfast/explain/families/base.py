@@ -148,6 +148,14 @@ class Family:
         """The (B, C) values a target indexes (a callable target receives them)."""
         return output.logits
 
+    def plain_scores(self, inputs: Any) -> Tensor:
+        """The model's scores for ``inputs`` as a plain no-grad forward (no capture): what the
+        evaluation protocols measure accuracy and occlusion with."""
+        call = self.parse(inputs)
+        with torch.no_grad():
+            output, _ = self.forward(call, output_attentions=False)
+            return self.scores(output, call)
+
     # ---- several token streams (see relfast.explain.streams); one-stream families keep these ----
 
     def prepare(self, call: ModelCall, targets: Targets) -> Tuple[ModelCall, Targets]:
@@ -242,6 +250,24 @@ def check_images(pixels: Any, expected_chw: Tuple[int, ...]) -> int:
         raise ValueError(f"relfast.Explainer: argument 'inputs' (pixel_values) must be a floating-point tensor "
                          f"(normalised as the model expects), got {pixels.dtype}")
     return batch
+
+
+def pair(value) -> Tuple[int, int]:
+    """An HF config's image or patch size (an int or a pair) as (height, width)."""
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def patch_layout(config: Any, prefix_tokens: int) -> TokenLayout:
+    """The token layout of a ViT-style HF config (``image_size``, ``patch_size``)."""
+    image, patch = pair(config.image_size), pair(config.patch_size)
+    return TokenLayout(prefix_tokens=prefix_tokens, patch_grid=(image[0] // patch[0], image[1] // patch[1]),
+                       patch_size=patch)
+
+
+def image_call(inputs: Any, config: Any) -> ModelCall:
+    """An image batch for a ViT-style HF config, checked (channels, size, dtype, non-empty)."""
+    pixels = image_inputs(inputs)
+    return ModelCall({"pixel_values": pixels}, check_images(pixels, (config.num_channels, *pair(config.image_size))))
 
 
 def image_inputs(inputs: Any, key: str = "pixel_values") -> Tensor:

@@ -21,14 +21,10 @@ from torch import Tensor
 from ..layout import TokenLayout
 from ..streams import IndependentStreams, Stream
 from ..targets import Targets
-from .base import (HFFamily, ModelCall, check_images, check_tensors, check_token_ids, image_inputs, register,
-                   text_inputs)
+from .base import (HFFamily, ModelCall, check_images, check_tensors, check_token_ids, image_call, pair, patch_layout,
+                   register, text_inputs)
 
 _KEYS = frozenset({"pixel_values", "input_ids", "attention_mask", "position_ids"})
-
-
-def _pair(value):
-    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 @dataclass(frozen=True)
@@ -47,9 +43,7 @@ class HFClip(HFFamily):
     target_kind = "text"
 
     def default_layout(self):
-        vision = self.model.config.vision_config
-        image, patch = _pair(vision.image_size), _pair(vision.patch_size)
-        return TokenLayout(prefix_tokens=1, patch_grid=(image[0] // patch[0], image[1] // patch[1]), patch_size=patch)
+        return patch_layout(self.model.config.vision_config, 1)
 
     def default_start_layer(self, method):
         return -1 if method == "generic" else None  # the reference explains CLIP's last layer only
@@ -101,7 +95,7 @@ class HFClip(HFFamily):
         pixels = inputs.pop("pixel_values")
         text, texts = text_inputs(inputs, allowed=_KEYS, model=self.model)
         vision = self.model.config.vision_config
-        images = check_images(pixels, (vision.num_channels, *_pair(vision.image_size)))
+        images = check_images(pixels, (vision.num_channels, *pair(vision.image_size)))
         return ModelCall({"pixel_values": pixels, **text}, images, num_tokens=text["input_ids"].shape[1],
                          extras={"images": images, "texts": texts})
 
@@ -110,18 +104,14 @@ class HFClip(HFFamily):
         check_token_ids(call.kwargs["input_ids"], self.model.config.text_config.vocab_size, self.max_positions())
 
     def prepare(self, call, target):
+        """One row per explained pair: image ``image_index[p]`` with text ``text_index[p]``."""
         images, texts = call.extras["images"], call.extras["texts"]
         if isinstance(target, Targets):  # an exported graph's target: the text of each image, -1 = its own
             if target.graph_tensor is None:
                 raise TypeError("relfast: CLIP takes a PairTarget or an exported graph's target")
-            own = torch.arange(images, device=target.graph_tensor.device)
-            text_index = torch.where(target.graph_tensor < 0, own, target.graph_tensor)
-            kwargs = {key: value if key == "pixel_values" else value[text_index] for key, value in call.kwargs.items()}
-            mask = kwargs.get("attention_mask")
-            return ModelCall(kwargs, images, num_tokens=call.num_tokens, token_mask=None if mask is None else mask.bool(),
-                             pairs=torch.stack([own, text_index], dim=1), extras=call.extras), \
-                Targets(graph_tensor=torch.zeros_like(target.graph_tensor))
-        if target.all_pairs:
+            image_index = torch.arange(images, device=target.graph_tensor.device)
+            text_index = torch.where(target.graph_tensor < 0, image_index, target.graph_tensor)
+        elif target.all_pairs:
             image_index = torch.arange(images).repeat_interleave(texts)
             text_index = torch.arange(texts).repeat(images)
         elif target.texts is not None:
@@ -139,16 +129,15 @@ class HFClip(HFFamily):
                 raise ValueError(f"relfast.Explainer: the text and image batches have different sizes ({texts} texts, "
                                  f"{images} images); pass target= the text index of each image, or 'all'")
             image_index = text_index = torch.arange(images)
-        kwargs = {}
-        for key, value in call.kwargs.items():
-            index = image_index if key == "pixel_values" else text_index
-            same = index.shape[0] == value.shape[0] and bool((index == torch.arange(value.shape[0])).all())
-            kwargs[key] = value if same else value[index.to(value.device)]
-        pairs = torch.stack([image_index, text_index], dim=1)
+        kwargs = {key: value[(image_index if key == "pixel_values" else text_index).to(value.device)]
+                  for key, value in call.kwargs.items()}
         mask = kwargs.get("attention_mask")
+        pairs = torch.stack([image_index, text_index], dim=1)
         expanded = ModelCall(kwargs, pairs.shape[0], num_tokens=call.num_tokens,
                              token_mask=None if mask is None else mask.bool(), pairs=pairs, extras=call.extras)
-        return expanded, Targets(fixed=torch.tensor(0))
+        # the explained scalar is column 0 of each row's (P, 1) scores; an exported graph keeps its tensor form
+        index = torch.zeros_like(target.graph_tensor) if isinstance(target, Targets) else torch.tensor(0)
+        return expanded, Targets(graph_tensor=index) if isinstance(target, Targets) else Targets(fixed=index)
 
     def forward(self, call, output_attentions):
         extra = {"output_attentions": True} if output_attentions else {}
@@ -216,17 +205,13 @@ class HFClipVision(HFFamily):
     lrp = False
 
     def default_layout(self):
-        config = self.model.config
-        image, patch = _pair(config.image_size), _pair(config.patch_size)
-        return TokenLayout(prefix_tokens=1, patch_grid=(image[0] // patch[0], image[1] // patch[1]), patch_size=patch)
+        return patch_layout(self.model.config, 1)
 
     def default_start_layer(self, method):
         return -1 if method == "generic" else None
 
     def parse(self, inputs):
-        pixels = image_inputs(inputs)
-        config = self.model.config
-        return ModelCall({"pixel_values": pixels}, check_images(pixels, (config.num_channels, *_pair(config.image_size))))
+        return image_call(inputs, self.model.config)
 
     def scores(self, output, call):
         embeds = getattr(output, "image_embeds", None)

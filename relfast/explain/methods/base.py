@@ -65,10 +65,7 @@ class Run:
         ``sites`` in backward order (last site first), as soon as its gradient is complete. The
         backward stops at the earliest of ``sites``."""
         retain_graph = retain_graph or self.keep_graph
-        scalar = self.targets.scalar(self.scores, self.explained, k)
-        if not scalar.requires_grad:
-            raise ValueError("relfast.Explainer: the explained output does not depend on the model's inputs through "
-                             "any graph (was the model run under torch.inference_mode, or are its inputs constant?)")
+        scalar = self.explained_scalar(k)
         sites = sorted(sites)
         sources = [self.records[i].source for i in sites]
         if any(s is None for s in sources):
@@ -94,6 +91,14 @@ class Run:
             raise ValueError(f"relfast.Explainer: attention sites {sorted(order)} received no gradient from the "
                              "explained output on its way to the first site; relfast explains models whose attention "
                              "sites form one chain (each layer feeds the next)")
+
+    def explained_scalar(self, k: int) -> Tensor:
+        """The k-th explained scalar summed over the batch, checked to be in the autograd graph."""
+        scalar = self.targets.scalar(self.scores, self.explained, k)
+        if not scalar.requires_grad:
+            raise ValueError("relfast.Explainer: the explained output does not depend on the model's inputs through "
+                             "any graph (was the model run under torch.inference_mode, or are its inputs constant?)")
+        return scalar
 
     def for_each_target(self, explain: Callable[[int, bool], Tensor]) -> Tensor:
         """``explain(k, retain_graph)`` for each of the K targets over the one forward (the graph

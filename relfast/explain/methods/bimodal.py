@@ -51,10 +51,7 @@ def _sites(step) -> List[int]:
 def _head_mean_gradients(run: Run, k: int, sites: List[int], retain_graph: bool) -> Dict[int, Tensor]:
     """Ā of every site for the k-th target, from one backward. A site the target does not reach
     (e.g. a stream's last layer whose output no head reads) gets Ā = 0."""
-    scalar = run.targets.scalar(run.scores, run.explained, k)
-    if not scalar.requires_grad:
-        raise ValueError("relfast.Explainer: the explained output does not depend on the model's inputs through "
-                         "any graph (was the model run under torch.inference_mode?)")
+    scalar = run.explained_scalar(k)
     sources = [run.records[site].source for site in sites]
     if any(source is None for source in sources):
         raise ValueError("relfast.Explainer: an attention site's output is not part of the autograd graph")
@@ -73,14 +70,16 @@ def _head_mean_gradients(run: Run, k: int, sites: List[int], retain_graph: bool)
 
 
 def _initial_state(plan: CrossPlan, batch: int, like: Tensor) -> Dict[Key, Tensor]:
+    """``R^{ss} = I`` per stream; ``R^{sq} = 0`` only for the cross maps a co-attention step
+    writes or reads (rule 11's ``R^{qs}``): rule 7 would only ever multiply the others' zeros
+    (DETR's (B, 850, 100) ``R^{iq}`` in every encoder layer)."""
     sizes = plan.sizes()
-    state = {}
-    for s, n_s in sizes.items():
-        for q, n_q in sizes.items():
-            if s == q:
-                state[s, q] = torch.eye(n_s, dtype=like.dtype, device=like.device).repeat(batch, 1, 1)
-            else:
-                state[s, q] = like.new_zeros(batch, n_s, n_q)
+    state = {(s, s): torch.eye(n, dtype=like.dtype, device=like.device).repeat(batch, 1, 1) for s, n in sizes.items()}
+    for step in plan.steps:
+        if isinstance(step, CoAttention):
+            for s, q, _ in step.directions:
+                for key in [(s, q)] + ([(q, s)] if step.rule_11 else []):
+                    state.setdefault(key, like.new_zeros(batch, sizes[key[0]], sizes[key[1]]))
     return state
 
 
