@@ -384,3 +384,25 @@ def test_detr_maps_of_every_query_feed_algorithm_1():
     assert masks.any(dim=(2, 3, 4)).all(), "a zero threshold keeps every query, each with a non-empty mask"
     none = relfast.eval.detr_masks(out.image_map(), out.output.logits, (16, 16), (64, 64), threshold=0.99)
     assert not none.any()
+
+
+@pytest.mark.parametrize("name", ["lxmert", "detr"])
+def test_model_untouched_after_the_rules_fail_midway(name, monkeypatch):
+    """A failure inside the co-attention rules (after the forward and the backward) leaves the
+    model as it was, and the explainer works afterwards."""
+    build, make_inputs, target = CASES[name]
+    model, inputs = build(), make_inputs()
+    user_setup(model)
+    before = model_state(model)
+    explainer = relfast.Explainer(model)
+    expected = explainer(inputs, target=target)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("failing inside rule 10")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(relfast.ops, "bimodal_update", failing)
+        with pytest.raises(RuntimeError, match="rule 10"):
+            explainer(inputs, target=target)
+    assert model_state(model) == before
+    torch.testing.assert_close(explainer(inputs, target=target).maps["image"], expected.maps["image"])
