@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <functional>
 #include <limits>
 
@@ -145,6 +146,87 @@ void check_row_relevance_update_args(const at::Tensor& v, const at::Tensor& grad
                     shape_str(grad));
   check_dim(grad, 0, v.size(0), op, "grad", "the batch size B of 'v'");
   check_dim(grad, 3, v.size(2), op, "grad", "the token count N of 'v'");
+}
+
+namespace {
+
+// No NaN and no +inf: -inf is a legitimate masked score or the log-sum-exp of a fully masked row.
+void check_no_nan_or_pos_inf(const at::Tensor& t, const char* op, const char* name) {
+  if (t.numel() == 0 || t.scalar_type() == at::kBool) return;
+  const bool ok = !(at::isnan(t).any().item<bool>() || at::isposinf(t).any().item<bool>());
+  TORCH_CHECK_VALUE(ok, "relfast.", op, ": argument '", name, "' must not contain NaN or +inf (-inf marks masked ",
+                    "entries), but it does; the result would be meaningless");
+}
+
+}  // namespace
+
+double check_sdpa_row_relevance_update_args(const at::Tensor& v, const at::Tensor& query, const at::Tensor& key,
+                                            const at::Tensor& value, const at::Tensor& grad_out,
+                                            const at::Tensor& logsumexp, const c10::optional<at::Tensor>& attn_mask,
+                                            c10::optional<double> scale, bool aggregate) {
+  const char* op = "sdpa_row_relevance_update";
+  check_tensor(v, op, "v", 3, "(B, K, Nq)");
+  check_tensor(query, op, "query", 4, "(B, H, Nq, D)");
+  check_tensor(key, op, "key", 4, "(B, H_kv, Nk, D)");
+  check_tensor(value, op, "value", 4, "(B, H_kv, Nk, Dv)");
+  check_tensor(grad_out, op, "grad_out", 4, "(B, H, Nq, Dv)");
+  check_tensor(logsumexp, op, "logsumexp", 3, "(B, H, Nq)");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{query, "query"}, {key, "key"},
+                                {value, "value"}, {grad_out, "grad_out"}}) {
+    check_like(t, v, op, name, "v");
+  }
+  TORCH_CHECK_VALUE(logsumexp.device() == v.device(), "relfast.", op, ": argument 'logsumexp' must be on the device ",
+                    "of 'v' (", v.device(), "), got ", logsumexp.device());
+  const int64_t B = v.size(0), Nq = v.size(2), H = query.size(1), D = query.size(3), Hkv = key.size(1),
+                Nk = key.size(2), Dv = value.size(3);
+  check_dim(query, 0, B, op, "query", "the batch size B of 'v'");
+  check_dim(query, 2, Nq, op, "query", "the token count Nq of 'v'");
+  TORCH_CHECK_VALUE(H >= 1, "relfast.", op, ": argument 'query' must have at least one head (H >= 1), got shape ",
+                    shape_str(query));
+  check_dim(key, 0, B, op, "key", "the batch size B of 'v'");
+  check_dim(key, 3, D, op, "key", "the head dimension D of 'query'");
+  TORCH_CHECK_VALUE(Hkv >= 1 && H % Hkv == 0, "relfast.", op, ": argument 'key' has ", Hkv, " heads (shape ",
+                    shape_str(key), "); the ", H, " query heads must be a multiple of them (grouped-query attention)");
+  check_dim(value, 0, B, op, "value", "the batch size B of 'v'");
+  check_dim(value, 1, Hkv, op, "value", "the head count of 'key'");
+  check_dim(value, 2, Nk, op, "value", "the key count Nk of 'key'");
+  check_dim(grad_out, 0, B, op, "grad_out", "the batch size B of 'v'");
+  check_dim(grad_out, 1, H, op, "grad_out", "the head count H of 'query'");
+  check_dim(grad_out, 2, Nq, op, "grad_out", "the token count Nq of 'v'");
+  check_dim(grad_out, 3, Dv, op, "grad_out", "the value dimension Dv of 'value'");
+  check_dim(logsumexp, 0, B, op, "logsumexp", "the batch size B of 'v'");
+  check_dim(logsumexp, 1, H, op, "logsumexp", "the head count H of 'query'");
+  check_dim(logsumexp, 2, Nq, op, "logsumexp", "the token count Nq of 'v'");
+  TORCH_CHECK_VALUE(!aggregate || Nk == Nq, "relfast.", op, ": with aggregate=True the attention must be ",
+                    "self-attention (Nk == Nq), got Nq = ", Nq, " queries and Nk = ", Nk, " keys");
+  if (attn_mask.has_value() && attn_mask->defined()) {
+    const at::Tensor& mask = *attn_mask;
+    TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool || is_supported_float(mask.scalar_type()), "relfast.", op,
+                      ": argument 'attn_mask' must be bool (True = attend) or a float additive mask, got ",
+                      mask.scalar_type());
+    TORCH_CHECK_VALUE(mask.device() == v.device(), "relfast.", op, ": argument 'attn_mask' must be on the device ",
+                      "of 'v' (", v.device(), "), got ", mask.device());
+    TORCH_CHECK_VALUE(mask.layout() == at::kStrided, "relfast.", op,
+                      ": argument 'attn_mask' must be a dense (strided) tensor, got layout ", mask.layout());
+    const int64_t full[4] = {B, H, Nq, Nk};
+    bool broadcasts = mask.dim() <= 4;
+    for (int64_t d = 0; broadcasts && d < mask.dim(); ++d) {
+      const int64_t size = mask.size(mask.dim() - 1 - d), target = full[3 - d];
+      broadcasts = size == 1 || size == target;
+    }
+    TORCH_CHECK_VALUE(broadcasts, "relfast.", op, ": argument 'attn_mask' of shape ", shape_str(mask),
+                      " must broadcast to (B, H, Nq, Nk) = (", B, ", ", H, ", ", Nq, ", ", Nk, ")");
+    check_no_nan_or_pos_inf(mask, op, "attn_mask");
+  }
+  TORCH_CHECK_VALUE(!scale.has_value() || std::isfinite(*scale), "relfast.", op,
+                    ": argument 'scale' must be finite, got ", scale.value_or(0.0));
+  check_all_finite(v, op, "v");
+  check_all_finite(query, op, "query");
+  check_all_finite(key, op, "key");
+  check_all_finite(value, op, "value");
+  check_all_finite(grad_out, op, "grad_out");
+  check_no_nan_or_pos_inf(logsumexp, op, "logsumexp");
+  return scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
 }
 
 void check_normalize_residual_args(const at::Tensor& R) {

@@ -11,6 +11,13 @@ namespace relfast {
 void check_head_mean_grad_attn_args(const at::Tensor& grad, const at::Tensor& attn);
 void check_relevance_update_args(const at::Tensor& R, const at::Tensor& abar);
 void check_row_relevance_update_args(const at::Tensor& v, const at::Tensor& grad, const at::Tensor& attn);
+// Shapes, dtypes and devices of sdpa_row_relevance_update, and the finiteness of its inputs
+// (q, k, v, grad_out and v finite; logsumexp and a float mask may hold -inf, never NaN or +inf).
+// Returns the scale to use (1/sqrt(D) when none is given).
+double check_sdpa_row_relevance_update_args(const at::Tensor& v, const at::Tensor& query, const at::Tensor& key,
+                                            const at::Tensor& value, const at::Tensor& grad_out,
+                                            const at::Tensor& logsumexp, const c10::optional<at::Tensor>& attn_mask,
+                                            c10::optional<double> scale, bool aggregate);
 void check_normalize_residual_args(const at::Tensor& R);
 void check_bimodal_update_args(const at::Tensor& R_sq, const at::Tensor& R_ss, const at::Tensor& abar,
                                const at::Tensor& R_qq);

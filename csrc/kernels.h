@@ -19,6 +19,12 @@ at::Tensor head_mean_grad_attn_cpu(const at::Tensor& grad, const at::Tensor& att
                                    const char* op);
 at::Tensor row_relevance_update_cpu(const at::Tensor& v, const at::Tensor& grad, const at::Tensor& attn, bool aggregate);
 at::Tensor normalize_residual_cpu(const at::Tensor& R, at::ScalarType out_dtype);
+// sdpa_row_relevance_update on validated inputs; `mask` is undefined or already expanded (a view)
+// to (B, H, Nq, Nk), bool or in any float dtype; `scale` resolved.
+at::Tensor sdpa_row_relevance_update_cpu(const at::Tensor& v, const at::Tensor& query, const at::Tensor& key,
+                                         const at::Tensor& value, const at::Tensor& grad_out,
+                                         const at::Tensor& logsumexp, const at::Tensor& mask, bool is_causal,
+                                         double scale, bool aggregate);
 // Row-normalised (E_h A + I) of one layer, in the accumulation dtype.
 at::Tensor rollout_layer_matrix_cpu(const at::Tensor& attn);
 
@@ -27,6 +33,10 @@ at::Tensor head_mean_grad_attn_cuda(const at::Tensor& grad, const at::Tensor& at
                                     const char* op);
 at::Tensor row_relevance_update_cuda(const at::Tensor& v, const at::Tensor& grad, const at::Tensor& attn, bool aggregate);
 at::Tensor normalize_residual_cuda(const at::Tensor& R, at::ScalarType out_dtype);
+at::Tensor sdpa_row_relevance_update_cuda(const at::Tensor& v, const at::Tensor& query, const at::Tensor& key,
+                                          const at::Tensor& value, const at::Tensor& grad_out,
+                                          const at::Tensor& logsumexp, const at::Tensor& mask, bool is_causal,
+                                          double scale, bool aggregate);
 at::Tensor rollout_layer_matrix_cuda(const at::Tensor& attn);
 #endif
 

@@ -21,6 +21,13 @@ TORCH_LIBRARY(relfast, m) {
   m.def("relevance_update_(Tensor(a!) R, Tensor abar, *, bool aggregate=True) -> ()");
   // Streaming rule 6 on K rows: v + v @ E_h[(grad * attn)^+], one pass over grad and attn.
   m.def("row_relevance_update(Tensor v, Tensor grad, Tensor attn, *, bool aggregate=True) -> Tensor");
+  // Streaming rule 6 on K rows straight from a fused attention's q, k, v, output gradient and row
+  // log-sum-exp: A = exp(s q k^T + mask - lse) and dA = dO v^T are recomputed tile by tile, never
+  // as (N, N) per head. Grouped-query heads (H a multiple of key/value heads), causal and additive
+  // or boolean masks (broadcast to (B, H, Nq, Nk)).
+  m.def("sdpa_row_relevance_update(Tensor v, Tensor query, Tensor key, Tensor value, Tensor grad_out, "
+        "Tensor logsumexp, Tensor? attn_mask=None, *, bool is_causal=False, float? scale=None, "
+        "bool aggregate=True) -> Tensor");
   // [P2] rules 8-9 (handle_residual): (R - I) / rowsum(R - I) + I, zero-sum rows -> identity row.
   m.def("normalize_residual(Tensor R) -> Tensor");
   // [P2] rule 10: R_sq + norm(R_ss)^T @ abar @ norm(R_qq).

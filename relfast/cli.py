@@ -5,6 +5,9 @@
 
     relfast export [--model CKPT_OR_FOLDER] [--method M] --format onnx|torchscript --out FILE
 
+    relfast bench [--model CKPT_OR_FOLDER] --batch B [--method M] [--seconds S] [--device cpu|cuda]
+                  [--dtype float32|float16|bfloat16] [--tokens N] [--quiet]
+
 Images: without ``--model`` the embedded default model explains them; ``--model`` takes a
 checkpoint written by ``scripts/train_default_model.py``. One target writes an overlay, two or more
 (``--target 0,2``) the side-by-side view; a folder of images writes one PNG per image into the
@@ -20,10 +23,18 @@ the eager explainer on fresh random inputs at batch sizes 1, 2, 5 and 16 and pri
 relative errors and the latencies of both at batch 1 and 8. ``--model``: a checkpoint file as
 above (default: the embedded model), or a HuggingFace image classifier, sequence classifier or
 causal LM folder.
+
+Bench takes the same ``--model`` and times, on one batch of such random inputs (text: ``--tokens``
+long, default 128 or the model's positions if fewer), plain inference (a ``torch.no_grad()`` forward)
+against the explanation, alternating them for ``--seconds`` (at least 3 calls each, after one
+warm-up each), with a progress bar; it prints each one's median latency and throughput, their
+ratio, and the peak memory of one explanation call above the memory before it.
 """
 import argparse
 import json
+import math
 import os
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -353,8 +364,14 @@ def explain_causal_lm(args) -> None:
               f"predicted {_quoted(tokenizer, int(out.logits[0].argmax()))})")
 
 
-def _load_for_export(spec: Optional[str]):
-    """(model, example_inputs, make_inputs(batch, seed)) for --model."""
+def _takes_images(config) -> bool:
+    """A model config of an image model (the embedded one, a HF image classifier); else text."""
+    return hasattr(config, "image_size")
+
+
+def _load_model_and_inputs(spec: Optional[str]):
+    """(model, example_inputs, make_inputs(batch, seed[, length for text])) for --model of export
+    and bench: random inputs of the model's kind."""
     path = Path(spec) if spec else None
     if path is not None and not path.exists():
         _fail(f"--model {spec} does not exist")
@@ -374,7 +391,7 @@ def _load_for_export(spec: Optional[str]):
             _fail(f"--model {spec} is not a HuggingFace image classifier, sequence classifier or causal LM folder "
                   f"({type(error).__name__}: {_first_line(error)})")
     config = model.config
-    if hasattr(config, "image_size"):
+    if _takes_images(config):
         size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
 
         def make_inputs(batch, seed):
@@ -409,7 +426,7 @@ def export_model(args) -> None:
     import relfast
     import relfast.export
 
-    model, example, make_inputs = _load_for_export(args.model)
+    model, example, make_inputs = _load_model_and_inputs(args.model)
     with _as_cli_error():
         explainer = relfast.Explainer(model, args.method)
     start = time.perf_counter()
@@ -456,6 +473,141 @@ def export_model(args) -> None:
         print(f"batch {batch}: eager explanation {eager_ms:.2f} ms, {where} explanation {exported_ms:.2f} ms")
     if not ok:
         raise SystemExit(1)
+
+
+BENCH_TOKENS = 128  # text length without --tokens (or the model's positions if fewer)
+BENCH_MIN_CALLS = 3  # of each kind, however short --seconds is
+
+
+def _check_bench_args(args) -> None:
+    """bench's flags, before any model is loaded (the model's config alone for --tokens)."""
+    if args.batch < 1:
+        _fail(f"--batch must be >= 1, got {args.batch}")
+    if not (math.isfinite(args.seconds) and args.seconds > 0):
+        _fail(f"--seconds must be a positive number of seconds, got {args.seconds:g}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        _fail("--device cuda: no CUDA GPU is available here (torch.cuda.is_available() is False)")
+    if args.model is not None:
+        _check_not_exported(Path(args.model))
+    if args.tokens is not None:
+        if args.tokens < 1:
+            _fail(f"--tokens must be >= 1, got {args.tokens}")
+        path = Path(args.model) if args.model else None
+        # a checkpoint file is always the default model's image kind; a missing path is the loader's error
+        if path is None or path.is_file() or (path.is_dir() and _takes_images(_hf_config(path))):
+            _fail(f"--tokens applies to text models; {args.model or 'the embedded default model'} is an image model")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
+        torch.cuda.synchronize(device)
+
+
+def _timed_ms(call, device: torch.device) -> float:
+    import time
+
+    _synchronize(device)
+    start = time.perf_counter()
+    call()
+    _synchronize(device)
+    return 1e3 * (time.perf_counter() - start)
+
+
+def _significant(value: float, digits: int = 4) -> str:
+    """``value`` with at least ``digits`` significant digits and no exponent (0.0123, 12.35, 12346)."""
+    return f"{value:.{max(0, digits - 1 - math.floor(math.log10(abs(value))))}f}" if value else "0"
+
+
+def _proc_status_kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+def _peak_mib(call, device: torch.device) -> Optional[float]:
+    """The peak memory of one call above the memory before it (MiB); None where it cannot be read."""
+    if device.type == "cuda":
+        _synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        call()
+        _synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set, to VmRSS
+        before = _proc_status_kib("VmRSS")
+    except (OSError, AttributeError):  # no /proc (not Linux), or no VmRSS line in it
+        return None
+    call()
+    return (_proc_status_kib("VmHWM") - before) / 1024
+
+
+def bench_model(args) -> None:
+    """Plain inference and explanation of one batch of random inputs, alternated for --seconds."""
+    import statistics
+    import time
+
+    from tqdm import tqdm
+    from transformers.utils import logging as hf_logging
+
+    import relfast
+
+    _check_bench_args(args)
+    # stderr holds bench's own progress bar and errors only, not HF's weight-loading bar and notices
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    model, _, make_inputs = _load_model_and_inputs(args.model)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    model.to(device=device, dtype=dtype)
+    with _as_cli_error():
+        explainer = relfast.Explainer(model, args.method)
+    rows = [("model", args.model or "embedded default model"), ("batch", args.batch), ("device", args.device),
+            ("dtype", args.dtype), ("method", args.method)]
+    if _takes_images(model.config):
+        inputs = make_inputs(args.batch, 0).to(device=device, dtype=dtype)
+
+        def infer():
+            with torch.no_grad():
+                model(inputs)
+    else:
+        positions = explainer.family.max_positions()  # None: rotary positions, no fixed end
+        tokens = args.tokens or min(BENCH_TOKENS, positions or BENCH_TOKENS)
+        if positions is not None and tokens > positions:
+            _fail(f"--tokens {tokens} is longer than the model's {positions} positions")
+        inputs = {key: value.to(device) for key, value in make_inputs(args.batch, 0, tokens).items()}
+        rows.append(("tokens", tokens))
+
+        def infer():
+            with torch.no_grad():
+                model(**inputs)
+
+    def explain():
+        explainer(inputs)
+
+    infer()
+    with _as_cli_error():  # the explainer refuses what it cannot explain (e.g. a dtype), as one line
+        explain()
+    inference_ms, explanation_ms = [], []
+    with tqdm(total=args.seconds, desc="measuring", disable=args.quiet,
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:g} s") as progress:
+        start = time.perf_counter()
+        while True:
+            inference_ms.append(_timed_ms(infer, device))
+            explanation_ms.append(_timed_ms(explain, device))
+            elapsed = time.perf_counter() - start
+            progress.update(min(elapsed, args.seconds) - progress.n)
+            if elapsed >= args.seconds and len(inference_ms) >= BENCH_MIN_CALLS:
+                break
+    peak = _peak_mib(explain, device)
+    median_inference, median_explanation = statistics.median(inference_ms), statistics.median(explanation_ms)
+    width = 26
+    for name, value in rows:
+        print(f"{name:<{width}}{value}")
+    print(f"{'':<{width}}{'calls':>6}{'median ms':>12}{'samples/s':>12}")
+    for name, calls, median in (("inference", len(inference_ms), median_inference),
+                                ("explanation", len(explanation_ms), median_explanation)):
+        print(f"{name:<{width}}{calls:>6}{_significant(median):>12}{_significant(1e3 * args.batch / median):>12}")
+    print(f"{'explanation/inference':<{width}}{'':>6}{median_explanation / median_inference:>11.2f}x")
+    peak_text = "-" if peak is None else f"{peak:.1f} MiB (one call, above its start)"
+    print(f"{'explanation peak memory':<{width}}{peak_text}")
 
 
 def evaluate_methods(args) -> None:
@@ -528,6 +680,20 @@ def main(argv: Optional[List[str]] = None) -> None:
                         "raw_attention, attn_gradcam")
     export.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     export.add_argument("--out", required=True, help="the file to write (.onnx or .pt)")
+    bench = commands.add_parser("bench", help="explanation throughput beside plain inference throughput")
+    bench.add_argument("--model", help="as for export: a checkpoint from scripts/train_default_model.py (default: the "
+                       "embedded model) or a HuggingFace image-classifier, sequence-classifier or causal-LM folder")
+    bench.add_argument("--batch", type=int, required=True, help="samples per call")
+    bench.add_argument("--method", default="generic", help="generic (default), transformer_attribution, rollout, "
+                       "raw_attention, attn_gradcam, lrp, partial_lrp")
+    bench.add_argument("--seconds", type=float, default=10.0, help="wall time of the measurement (default 10; at "
+                       f"least {BENCH_MIN_CALLS} calls of each kind)")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs (default cpu)")
+    bench.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                       help="the model's and the images' dtype (default float32)")
+    bench.add_argument("--tokens", type=int, help=f"text models: the sequence length (default {BENCH_TOKENS}, or the "
+                       "model's positions if fewer)")
+    bench.add_argument("--quiet", action="store_true", help="print the table only (no progress bar)")
     evaluation = commands.add_parser("eval", help="the papers' perturbation and segmentation tests on held-out data")
     evaluation.add_argument("--data", choices=("shapes", "digits", "sentiment", "all"), default="shapes",
                             help="shapes: Shapes images no training run saw (masks known; default); digits: the 500 "
@@ -555,6 +721,8 @@ def main(argv: Optional[List[str]] = None) -> None:
 
         if args.method not in EXPORTABLE_METHODS:
             _fail(f"--method {args.method} is not exportable yet; exportable: {', '.join(EXPORTABLE_METHODS)}")
+    if args.command == "bench":
+        return bench_model(args)
     if args.command == "explain" and not (args.image or args.text):
         _fail("explain needs --image, --text, or both (with a CLIP folder as --model)")
     _check_paths(args)

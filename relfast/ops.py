@@ -11,7 +11,7 @@ definitions are in ``relfast.reference``; the math in ``docs/METHODS.md``.
 The wrappers are TorchScript-compatible; the ops work under ``torch.compile(fullgraph=True)`` and
 ``torch.export`` (the fake kernels below give their output shapes). They are not differentiable.
 """
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -21,6 +21,7 @@ __all__ = [
     "relevance_update",
     "relevance_update_",
     "row_relevance_update",
+    "sdpa_row_relevance_update",
     "normalize_residual",
     "bimodal_update",
     "rollout",
@@ -80,6 +81,37 @@ def row_relevance_update(v: Tensor, grad: Tensor, attn: Tensor, aggregate: bool 
     if not torch.jit.is_scripting():
         _check_tensors("row_relevance_update", ("v", v), ("grad", grad), ("attn", attn))
     return torch.ops.relfast.row_relevance_update(v, grad, attn, aggregate=aggregate)
+
+
+def sdpa_row_relevance_update(v: Tensor, query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor,
+                              logsumexp: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
+                              scale: Optional[float] = None, aggregate: bool = True) -> Tensor:
+    """:func:`row_relevance_update` for a fused (SDPA / flash) attention layer, from the tensors its
+    backward keeps: ``v + v @ E_h[(∇A ⊙ A)^+]`` with ``A = softmax(scale·q·kᵀ + mask)``
+    recomputed from the row log-sum-exp and ``∇A = grad_out · valueᵀ``, tile by tile; neither
+    ``A`` nor ``∇A`` is formed as an (N, N) matrix per head.
+
+    Args:
+        v: (B, K, Nq) the rows being propagated.
+        query: (B, H, Nq, D); key: (B, H_kv, Nk, D); value: (B, H_kv, Nk, Dv), with H a multiple
+            of H_kv (grouped-query attention: query head h uses key/value head h // (H / H_kv)).
+        grad_out: (B, H, Nq, Dv) gradient of the explained scalar w.r.t. the attention's output.
+        logsumexp: (B, H, Nq) ``log Σ_j exp(scale·q·kᵀ + mask)`` per row, as the fused forward
+            returns it (any float dtype; -inf for a fully masked row, whose A is then 0).
+        attn_mask: optional bool (True = attend) or additive float mask broadcastable to
+            (B, H, Nq, Nk). is_causal: keys j ≤ i only (top-left aligned, as SDPA).
+        scale: the softmax scale (default 1/sqrt(D)). aggregate: False gives ``v @ Ā``.
+
+    Returns:
+        (B, K, Nk) in the dtype of ``v`` (half types accumulate in float32).
+    """
+    if not torch.jit.is_scripting():
+        _check_tensors("sdpa_row_relevance_update", ("v", v), ("query", query), ("key", key), ("value", value),
+                       ("grad_out", grad_out), ("logsumexp", logsumexp))
+        if attn_mask is not None:
+            _check_tensors("sdpa_row_relevance_update", ("attn_mask", attn_mask))
+    return torch.ops.relfast.sdpa_row_relevance_update(v, query, key, value, grad_out, logsumexp, attn_mask,
+                                                       is_causal=is_causal, scale=scale, aggregate=aggregate)
 
 
 def normalize_residual(R: Tensor) -> Tensor:
@@ -204,6 +236,29 @@ def _row_relevance_update_fake(v, grad, attn, *, aggregate=True):
         for d, expected in ((0, v.shape[0]), (1, grad.shape[1]), (2, v.shape[2]), (3, v.shape[2])):
             _check_dim(t, d, expected, op, name)
     return torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("relfast::sdpa_row_relevance_update")
+def _sdpa_row_relevance_update_fake(v, query, key, value, grad_out, logsumexp, attn_mask=None, *, is_causal=False,
+                                    scale=None, aggregate=True):
+    op = "sdpa_row_relevance_update"
+    _check_rank(v, 3, op, "v", "(B, K, Nq)")
+    for name, t, layout in (("query", query, "(B, H, Nq, D)"), ("key", key, "(B, H_kv, Nk, D)"),
+                            ("value", value, "(B, H_kv, Nk, Dv)"), ("grad_out", grad_out, "(B, H, Nq, Dv)")):
+        _check_rank(t, 4, op, name, layout, like=v)
+    _check_rank(logsumexp, 3, op, "logsumexp", "(B, H, Nq)")
+    B, Nq, H = v.shape[0], v.shape[2], query.shape[1]
+    for name, t, dims in (("query", query, {0: B, 2: Nq}), ("key", key, {0: B, 3: query.shape[3]}),
+                          ("value", value, {0: B, 1: key.shape[1], 2: key.shape[2]}),
+                          ("grad_out", grad_out, {0: B, 1: H, 2: Nq, 3: value.shape[3]}),
+                          ("logsumexp", logsumexp, {0: B, 1: H, 2: Nq})):
+        for d, expected in dims.items():
+            _check_dim(t, d, expected, op, name)
+    torch._check_value(H % key.shape[1] == 0, lambda: f"relfast.{op}: the {H} query heads must be a multiple of the "
+                                                       f"{key.shape[1]} key/value heads")
+    torch._check_value(not aggregate or key.shape[2] == Nq,
+                       lambda: f"relfast.{op}: with aggregate=True the attention must be self-attention (Nk == Nq)")
+    return v.new_empty((B, v.shape[1], key.shape[2]))
 
 
 @torch.library.register_fake("relfast::normalize_residual")

@@ -5,7 +5,8 @@ expected values of the tests (run in float64), and the decomposition used when a
 contain ``relfast::`` ops (e.g. ONNX export). Signatures match ``relfast.ops``. Unlike the kernels
 they do no argument validation and compute in the input dtype.
 """
-from typing import List
+import math
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -14,6 +15,7 @@ __all__ = [
     "head_mean_grad_attn",
     "relevance_update",
     "row_relevance_update",
+    "sdpa_row_relevance_update",
     "normalize_residual",
     "bimodal_update",
     "rollout",
@@ -35,6 +37,30 @@ def row_relevance_update(v: Tensor, grad: Tensor, attn: Tensor, aggregate: bool 
     """Streaming rule 6 on K rows: ``v + v @ E_h[(grad * attn)^+]``; v is (B, K, N)."""
     product = torch.bmm(v, head_mean_grad_attn(grad, attn))
     return v + product if aggregate else product
+
+
+def sdpa_row_relevance_update(v: Tensor, query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor,
+                              logsumexp: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
+                              scale: Optional[float] = None, aggregate: bool = True) -> Tensor:
+    """:func:`row_relevance_update` of a fused attention, from what its backward has:
+    ``A = exp(scale·q·kᵀ + mask − logsumexp)`` and ``∇A = grad_out · valueᵀ`` (key/value heads
+    repeated to the query heads). ``attn_mask``: bool (True = attend) or additive, broadcast to
+    (B, H, Nq, Nk); ``is_causal``: keys j ≤ i only (top-left aligned, as SDPA). A row whose
+    log-sum-exp is -inf (every key masked) has A = 0."""
+    repeats = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    if is_causal:
+        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    lse = logsumexp.to(scores.dtype).unsqueeze(-1)
+    attn = torch.where(torch.isneginf(lse), torch.zeros_like(scores), torch.exp(scores - lse))
+    grad_attn = torch.matmul(grad_out, value.transpose(-2, -1))
+    return row_relevance_update(v, grad_attn, attn, aggregate=aggregate)
 
 
 def _identity_like(R: Tensor) -> Tensor:

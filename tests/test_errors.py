@@ -1,4 +1,6 @@
 """Bad input gets a ValueError that names the op and the argument, before any kernel runs."""
+import math
+
 import pytest
 import torch
 
@@ -38,8 +40,44 @@ def poisoned(t, value, index=(0, 1, 2)):
     return t
 
 
+def sdpa(**changed):
+    """ops.sdpa_row_relevance_update on valid (B=2, H=4, H_kv=2, N=5, D=3) inputs, with `changed`
+    arguments replaced."""
+    args = dict(v=torch.rand(2, 1, 5), query=torch.randn(2, 4, 5, 3), key=torch.randn(2, 2, 5, 3),
+                value=torch.randn(2, 2, 5, 3), grad_out=torch.randn(2, 4, 5, 3), logsumexp=torch.randn(2, 4, 5))
+    args.update(changed)
+    return ops.sdpa_row_relevance_update(**args)
+
+
 # (call, words the message must contain)
 BAD_CALLS = {
+    "sdpa:rank-v": (lambda: sdpa(v=torch.rand(2, 5)), ["relfast.sdpa_row_relevance_update:", "'v'", "3-D"]),
+    "sdpa:rank-query": (lambda: sdpa(query=torch.randn(4, 5, 3)), ["'query'", "4-D", "(B, H, Nq, D)"]),
+    "sdpa:tokens": (lambda: sdpa(v=torch.rand(2, 1, 6)), ["'query'", "token count"]),
+    "sdpa:batch": (lambda: sdpa(key=torch.randn(3, 2, 5, 3)), ["'key'", "batch size"]),
+    "sdpa:head-dim": (lambda: sdpa(key=torch.randn(2, 2, 5, 4)), ["'key'", "head dimension"]),
+    "sdpa:groups": (lambda: sdpa(key=torch.randn(2, 3, 5, 3), value=torch.randn(2, 3, 5, 3)),
+                    ["'key'", "multiple", "grouped-query"]),
+    "sdpa:value-keys": (lambda: sdpa(value=torch.randn(2, 2, 6, 3)), ["'value'", "key count"]),
+    "sdpa:grad-out-heads": (lambda: sdpa(grad_out=torch.randn(2, 2, 5, 3)), ["'grad_out'", "head count"]),
+    "sdpa:lse-shape": (lambda: sdpa(logsumexp=torch.randn(2, 4, 6)), ["'logsumexp'", "token count"]),
+    "sdpa:cross-aggregate": (lambda: sdpa(key=torch.randn(2, 2, 7, 3), value=torch.randn(2, 2, 7, 3)),
+                             ["aggregate=True", "self-attention", "Nk = 7"]),
+    "sdpa:mask-shape": (lambda: sdpa(attn_mask=torch.ones(2, 1, 1, 4, dtype=torch.bool)), ["'attn_mask'", "broadcast"]),
+    "sdpa:mask-dtype": (lambda: sdpa(attn_mask=torch.ones(2, 1, 1, 5, dtype=torch.long)), ["'attn_mask'", "bool"]),
+    "sdpa:mask-nan": (lambda: sdpa(attn_mask=poisoned(torch.zeros(2, 1, 5, 5), NAN, (1, 0, 2, 3))), ["'attn_mask'", "NaN"]),
+    "sdpa:mixed-dtype": (lambda: sdpa(value=torch.randn(2, 2, 5, 3, dtype=torch.float64)), ["'value'", "dtype"]),
+    "sdpa:integer": (lambda: sdpa(query=torch.ones(2, 4, 5, 3, dtype=torch.long)), ["'query'", "float16"]),
+    "sdpa:nan-query": (lambda: sdpa(query=poisoned(torch.randn(2, 4, 5, 3), NAN)), ["'query'", "finite"]),
+    "sdpa:inf-grad-out": (lambda: sdpa(grad_out=poisoned(torch.randn(2, 4, 5, 3), INF)), ["'grad_out'", "finite"]),
+    "sdpa:nan-lse": (lambda: sdpa(logsumexp=poisoned(torch.randn(2, 4, 5), NAN, (1, 2, 3))), ["'logsumexp'", "NaN"]),
+    "sdpa:inf-scale": (lambda: sdpa(scale=INF), ["'scale'", "finite"]),
+    "sdpa:device": (lambda: sdpa(grad_out=torch.randn(2, 4, 5, 3, device="meta")), ["'grad_out'", "device"]),
+    "sdpa:overflow-fp16": (lambda: sdpa(v=full(2, 1, 5, value=3e4), query=full(2, 4, 5, 3, value=0),
+                                        key=full(2, 2, 5, 3, value=0), value=full(2, 2, 5, 3, value=100),
+                                        grad_out=full(2, 4, 5, 3, value=100),
+                                        logsumexp=torch.full((2, 4, 5), math.log(5))),
+                            ["relfast.sdpa_row_relevance_update:", "result overflowed"]),
     # wrong rank
     "head:rank": (lambda: ops.head_mean_grad_attn(grad()[0], attn()), ["head_mean_grad_attn", "'grad'", "4-D"]),
     "rel:rank": (lambda: ops.relevance_update(rel()[0], rel()), ["relevance_update", "'R'", "3-D"]),
@@ -134,6 +172,9 @@ NOT_TENSORS = {
     "bimodal:numpy": (lambda: ops.bimodal_update(rel(), rel(), rel(), rel().numpy()), ["'R_qq'"]),
     "rollout:numpy-layer": (lambda: ops.rollout([attn(), attn().numpy()]), ["relfast.rollout:", "'attentions[1]'"]),
     "rollout:tensor-not-list": (lambda: ops.rollout(attn()), ["relfast.rollout:", "'attentions'", "list"]),
+    "sdpa:numpy-lse": (lambda: sdpa(logsumexp=torch.randn(2, 4, 5).numpy()), ["relfast.sdpa_row_relevance_update:",
+                                                                          "'logsumexp'", "torch.from_numpy"]),
+    "sdpa:list-mask": (lambda: sdpa(attn_mask=[[True] * 5] * 5), ["'attn_mask'", "list"]),
 }
 
 
@@ -159,6 +200,8 @@ def test_a_result_within_range_is_not_refused():
     (lambda m: ops.normalize_residual(rel().to(m)), (2, 5, 5)),
     (lambda m: ops.bimodal_update(*[rel().to(m)] * 4), (2, 5, 5)),
     (lambda m: ops.rollout([attn().to(m)] * 2), (2, 5, 5)),
+    (lambda m: ops.sdpa_row_relevance_update(torch.rand(2, 3, 5, device=m), *[torch.randn(2, 4, 5, 8, device=m)] * 4,
+                                             torch.randn(2, 4, 5, device=m)), (2, 3, 5)),
 ])
 def test_meta_tensors_give_the_output_shape_without_reading_values(call, shape):
     # Shape propagation (torch.compile, export, model sizing) reads no values: no finiteness check runs.

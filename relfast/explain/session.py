@@ -125,7 +125,8 @@ class Session:
 
     def _forward(self, call: ModelCall, kind: str) -> Tuple[Any, List[AttentionRecord]]:
         """The model's forward under the attention capture: (output, one record per site)."""
-        capture = AttentionCapture(softmax=self.family.softmax_capture and kind == "sdpa", explicit=self.traced)
+        capture = AttentionCapture(softmax=self.family.softmax_capture and kind == "sdpa", explicit=self.traced,
+                                   fused_rows=self.method.streams_rows)
         with capture:
             output, attentions = self.family.forward(call, output_attentions=kind == "eager")
         records = capture.records

@@ -51,11 +51,12 @@ def training_error(what: str) -> ValueError:
 class AttentionCapture(TorchFunctionMode):
     """Records every attention site of one forward, in order (``records``)."""
 
-    def __init__(self, *, softmax: bool = False, explicit: bool = False):
+    def __init__(self, *, softmax: bool = False, explicit: bool = False, fused_rows: bool = False):
         super().__init__()
         self.records: List[AttentionRecord] = []
         self.softmax = softmax
         self.explicit = explicit
+        self.fused_rows = fused_rows  # the method only streams rows: SDPA sites keep their fused kernels
         self.freeze = torch.is_grad_enabled()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -92,7 +93,7 @@ class AttentionCapture(TorchFunctionMode):
                                                                    is_causal, scale))
             self.records.append(ProbabilityRecord(probabilities))
             return torch.matmul(probabilities, expand_groups(value, repeats))
-        record = SdpaRecord(query, key, value, attn_mask, is_causal, scale, enable_gqa)
+        record = SdpaRecord(query, key, value, attn_mask, is_causal, scale, enable_gqa, fused_rows=self.fused_rows)
         self.records.append(record)
         output = record.run(query, key, value, attn_mask)
         if record.source is None and self.freeze:

@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ... import ops
+from . import fused
+
 
 class AttentionRecord:
     """A site's attention. ``source`` is the tensor whose gradient the backward delivers (None
@@ -41,6 +44,12 @@ class AttentionRecord:
 
     def release(self) -> None:
         """Forget anything recomputed for the backward just done (another target's follows)."""
+
+    def row_update(self, rows: Tensor, source_grad: Tensor, aggregate: bool) -> Tensor:
+        """Streaming rule 6 at this site: ``rows + rows · E_h[(∇A ⊙ A)^+]`` (B, K, N_k), from the
+        gradient of ``source``."""
+        return ops.row_relevance_update(rows, self.attention_gradient(source_grad), self.probabilities(),
+                                        aggregate=aggregate)
 
 
 class ProbabilityRecord(AttentionRecord):
@@ -124,7 +133,7 @@ class SdpaRecord(AttentionRecord):
     ``dQ = s·dS·K``, ``dK = s·dSᵀ·Q``."""
 
     def __init__(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
-                 scale: Optional[float], enable_gqa: bool):
+                 scale: Optional[float], enable_gqa: bool, fused_rows: bool = False):
         # q, k, v as given (grouped key/value heads are expanded only while a layer is worked on)
         self._query, self._key_heads, self._value_heads = query.detach(), key.detach(), value.detach()
         self._repeats = group_size(query, key, enable_gqa)
@@ -133,13 +142,30 @@ class SdpaRecord(AttentionRecord):
         batch = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3])
         self._shape = (*batch, query.shape[-3], query.shape[-2], key.shape[-2])
         self._shared = {}  # A and ∇A of the backward in progress, from the method to the backward
+        # fused_rows: the method only streams rows (row_update), so the fused kernels run forward
+        # and backward and the forward's log-sum-exp is kept (capture/fused.py).
+        self.fused_backend = fused.backend(query, key, value, attn_mask, is_causal, enable_gqa) if fused_rows else None
+        self.fused_mask = fused.additive_mask(self._mask, query.dtype) if self.fused_backend else None
+        self.logsumexp: Optional[Tensor] = None  # set by the fused forward
 
     @property
     def shape(self):
         return self._shape
 
+    @property
+    def is_causal(self) -> bool:
+        return self._is_causal
+
+    @property
+    def scale(self) -> Optional[float]:
+        return self._scale
+
     def run(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
         """The model's fused attention; its output becomes this record's ``source``."""
+        if self.fused_backend is not None and torch.is_grad_enabled():
+            output = fused.FusedAttention.apply(query, key, value, self)
+            self.source = output if output.requires_grad else None
+            return output
         mask_input = attn_mask if attn_mask is not None and attn_mask.requires_grad else None
         output = _SharedBackwardAttention.apply(query, key, value, mask_input, self)
         self.source = output if output.requires_grad else None
@@ -164,6 +190,13 @@ class SdpaRecord(AttentionRecord):
 
     def release(self) -> None:
         self._shared.clear()
+
+    def row_update(self, rows: Tensor, source_grad: Tensor, aggregate: bool) -> Tensor:
+        if self.logsumexp is None:
+            return super().row_update(rows, source_grad, aggregate)
+        return ops.sdpa_row_relevance_update(rows, self._query, self._key_heads, self._value_heads, source_grad,
+                                             self.logsumexp, self.fused_mask, is_causal=self._is_causal,
+                                             scale=self._scale, aggregate=aggregate)
 
     def input_gradients(self, output_grad: Tensor, needs: Tuple[bool, ...]):
         """(dQ, dK, dV, dmask) from ∇O, reusing (and then releasing) the A and ∇A the method

@@ -60,10 +60,11 @@ class Run:
         return self.targets.count
 
     def attention_gradients(self, k: int, sites: Sequence[int], on_gradient: Callable[[int, Tensor], None],
-                            retain_graph: bool = False) -> None:
+                            retain_graph: bool = False, raw: bool = False) -> None:
         """Backward of the k-th explained scalar; ``on_gradient(site, ∇A)`` is called for each of
         ``sites`` in backward order (last site first), as soon as its gradient is complete. The
-        backward stops at the earliest of ``sites``."""
+        backward stops at the earliest of ``sites``. ``raw``: the gradient of the record's
+        ``source`` as autograd gives it (for ``AttentionRecord.row_update``), not ∇A."""
         retain_graph = retain_graph or self.keep_graph
         scalar = self.explained_scalar(k)
         sites = sorted(sites)
@@ -77,7 +78,8 @@ class Run:
             waiting[site] = source_grad
             while order and order[0] in waiting:  # deliver in order, buffering any that come early
                 done = order.pop(0)
-                on_gradient(done, self.records[done].attention_gradient(waiting.pop(done)))
+                grad = waiting.pop(done)
+                on_gradient(done, grad if raw else self.records[done].attention_gradient(grad))
 
         handles = [source.register_hook(lambda grad, site=site: arrived(site, grad))
                    for site, source in zip(sites[1:], sources[1:])]
@@ -128,6 +130,7 @@ class Method:
     uses_relevance_pass = False  # the session then gives the Run a relevance pass
     conserve = False  # its rules: the CVPR method's (True) or plain LRP's
     pixel_level = False  # images: relevance over the input's pixels (B, H, W) instead of tokens
+    streams_rows = False  # only AttentionRecord.row_update is used: SDPA sites never form A
     option_defaults: Dict[str, object] = {}
 
     def __init__(self, **options):

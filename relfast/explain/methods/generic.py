@@ -42,8 +42,12 @@ class Generic(Method):
     def check_layers(self, layers: int) -> None:
         check_start_layer_range(self.start_layer, layers)
 
-    def initial_rows(self, run: Run, like: torch.Tensor) -> torch.Tensor:
-        batch, n = run.batch, like.shape[-1]
+    @property
+    def streams_rows(self) -> bool:
+        return not self.use_lrp
+
+    def initial_rows(self, run: Run, n: int, like: torch.Tensor) -> torch.Tensor:
+        batch = run.batch
         if self.full_matrix:
             return torch.eye(n, dtype=like.dtype, device=like.device).repeat(batch, 1, 1)
         rows = torch.zeros(batch, 1, n, dtype=like.dtype, device=like.device)
@@ -71,12 +75,16 @@ class Generic(Method):
                                                                       retain_graph=retain_graph)))
 
             def update(site: int, grad: torch.Tensor) -> None:
-                # each R_A is freed once used
-                attn = weights.pop(site).to(grad.dtype) if self.use_lrp else run.records[site].probabilities()
-                rows = state["rows"] if "rows" in state else self.initial_rows(run, attn)
-                state["rows"] = ops.row_relevance_update(rows, grad, attn, aggregate=self.aggregate)
+                record = run.records[site]
+                rows = state["rows"] if "rows" in state else self.initial_rows(run, record.shape[-1], grad)
+                if self.use_lrp:  # each R_A is freed once used
+                    attn = weights.pop(site).to(grad.dtype)
+                    state["rows"] = ops.row_relevance_update(rows, record.attention_gradient(grad), attn,
+                                                             aggregate=self.aggregate)
+                else:  # SDPA sites recompute A and ∇A tile by tile (ops.sdpa_row_relevance_update)
+                    state["rows"] = record.row_update(rows, grad, self.aggregate)
 
-            run.attention_gradients(k, sites, update, retain_graph)
+            run.attention_gradients(k, sites, update, retain_graph, raw=True)
             return state["rows"] if self.full_matrix else state["rows"][:, 0]
 
         return run.for_each_target(one_target)
