@@ -18,7 +18,8 @@ at N in {197, 577, 1024, 2048, 4096} tokens, batch 1, float32, random weights. I
 * ``reference``: the papers' algorithm (``bench_explain.reference``: hooks, weight gradients,
   the full N x N matrix product).
 
-Memory is the peak resident set during the call above the resident set before it (VmHWM reset
+Memory is the peak resident set during the call above the resident set before it (free heap
+returned with malloc_trim, then VmHWM reset
 through /proc/self/clear_refs; glibc's mmap threshold is fixed so freed tensors leave the
 resident set), on CUDA ``max_memory_allocated`` above the allocation before. A run whose eager
 attention alone would not fit in memory is skipped and reported as such. The module writes
@@ -48,18 +49,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SCALING = defaultdict(dict)
 
 
-def _fix_malloc_thresholds():
-    """Large blocks always mmapped and returned on free: the resident set then follows the live
-    tensors, and the peak of one call does not include what an earlier call left cached."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixing it also stops its dynamic growth)
-        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
-    except OSError:
-        pass
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+    # Large blocks always mmapped and returned on free (fixing the threshold stops its dynamic
+    # growth): the resident set then follows the live tensors.
+    _LIBC.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+except OSError:
+    _LIBC = None
 
 
-_fix_malloc_thresholds()
+def _release_free_heap():
+    """Free heap pages back to the OS, so a call's peak counts the pages it touches, not pages an
+    earlier call left resident for reuse."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def _status_kib(field):
@@ -88,6 +91,7 @@ def working_memory(fn, device):
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
+    _release_free_heap()
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident set
@@ -239,7 +243,7 @@ def test_scaling(benchmark, device, name, n, impl):
 
 def scaling_table():
     """Rows of the printed table (also used by RESULTS.md)."""
-    lines = [f"{'dev':<5}{'model':<8}{'N':>6}" + "".join(f"{impl:>16}" for impl in IMPLS)
+    lines = [f"{'dev':<5}{'model':<8}{'N':>6}" + "".join(f"{impl:>19}" for impl in IMPLS)
              + f"{'sdpa/floor t':>14}{'sdpa/floor m':>14}"]
     for (dev, name, n), by_impl in sorted(SCALING.items()):
         cells = []
@@ -250,7 +254,7 @@ def scaling_table():
         sdpa, flo = by_impl.get("relfast-sdpa", {}), by_impl.get("floor", {})
         t = f"{sdpa['time'] / flo['time']:.2f}" if "time" in sdpa and "time" in flo else "-"
         m = f"{sdpa['memory'] / flo['memory']:.2f}" if "time" in sdpa and "time" in flo and flo["memory"] else "-"
-        lines.append(f"{dev:<5}{name:<8}{n:>6}" + "".join(f"{c:>16}" for c in cells) + f"{t:>14}{m:>14}")
+        lines.append(f"{dev:<5}{name:<8}{n:>6}" + "".join(f"{c:>19}" for c in cells) + f"{t:>14}{m:>14}")
     return lines
 
 
@@ -259,6 +263,7 @@ def write_plots():
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     print("\n" + "\n".join(scaling_table()))
     for quantity, unit, scale, filename in (("time", "s", 1.0, "scaling_time.png"),
@@ -276,6 +281,9 @@ def write_plots():
                         ax.plot(*zip(*points), marker="o", label=impl)
                 ax.set_xscale("log")
                 ax.set_yscale("log")
+                ax.set_xticks(LENGTHS[dev])
+                ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
                 ax.set_xlabel("tokens N")
                 ax.set_ylabel(f"{quantity} ({unit})")
                 ax.set_title(f"{name}, {dev}, batch 1, float32")

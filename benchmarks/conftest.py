@@ -292,7 +292,7 @@ def pytest_terminal_summary(terminalreporter):
     w("x floor = relfast / one read of grad+attn (target <= 1.5 for row_relevance_update)")
     for dev, bps in COPY_BPS.items():
         w(f"%copy   = relfast GB/s / {dev} copy bandwidth, {bps / 1e9:.0f} GB/s (target >= 80%)")
-    header = (f"{'op':<22}{'shape':<10}{'dev':<5}{'relfast ms':>11}{'torch ms':>10}{'speedup':>9}"
+    header = (f"{'op':<26}{'shape':<10}{'dev':<5}{'relfast ms':>11}{'torch ms':>10}{'speedup':>9}"
               f"{'GB/s':>8}{'floor ms':>10}{'x floor':>9}" + (f"{'%copy':>7}" if COPY_BPS else ""))
     w(header)
 
@@ -300,7 +300,7 @@ def pytest_terminal_summary(terminalreporter):
         fused, eager, floor = t.get("relfast"), t.get("torch"), t.get("floor")
         bps = _ratio(BYTES.get((op, shape, dev)), fused)
         speedup = _ratio(eager, fused)
-        row = (f"{op:<22}{shape:<10}{dev:<5}{_num(fused, '.3f', 1e3):>11}{_num(eager, '.3f', 1e3):>10}"
+        row = (f"{op:<26}{shape:<10}{dev:<5}{_num(fused, '.3f', 1e3):>11}{_num(eager, '.3f', 1e3):>10}"
                f"{_num(speedup, '.2f') + ('x' if speedup else ''):>9}{_num(bps, '.1f', 1e-9):>8}"
                f"{_num(floor, '.3f', 1e3):>10}{_num(_ratio(fused, floor), '.2f'):>9}")
         if COPY_BPS:

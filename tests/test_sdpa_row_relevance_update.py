@@ -10,6 +10,12 @@ from relfast import ops, reference
 from testing import DEVICES, assert_batch_equals_per_sample, assert_matches_reference, generator, seed_for, to_case
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+# The issue's bound for float32 (tighter than the shared 2e-5); the others as for every op.
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def assert_close_to(out, expected, dtype):
+    assert_matches_reference(out, expected, dtype, rtol=RTOL[dtype])
 # (B, H, H_kv, N, D): N at the CPU kernel's 64-key strips and around them, the papers' 197 / 577,
 # a single token, an empty batch; grouped heads (H_kv < H); D not a power of two.
 SHAPES = [(2, 4, 4, 63, 16), (1, 4, 2, 64, 16), (2, 3, 3, 65, 8), (1, 2, 1, 127, 32), (2, 2, 2, 129, 24),
@@ -84,7 +90,7 @@ def params():
 def test_matches_float64_reference(device, dtype, shape, K, mask_kind):
     case, lse, mask, is_causal, expected_inputs = make_inputs(shape, K, dtype, device, True, mask_kind)
     out, expected = run_both(case, lse, mask, is_causal, expected_inputs)
-    assert_matches_reference(out, expected, dtype)
+    assert_close_to(out, expected, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -95,7 +101,7 @@ def test_non_contiguous_inputs(device, dtype, mask_kind):
     assert not case[1].is_contiguous()
     lse = lse.transpose(1, 2).contiguous().transpose(1, 2)  # the (B, N, H) layout CPU flash attention returns
     out, expected = run_both(case, lse, mask, is_causal, expected_inputs)
-    assert_matches_reference(out, expected, dtype)
+    assert_close_to(out, expected, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -104,7 +110,7 @@ def test_without_aggregation(device, mask_kind):
     case, lse, mask, is_causal, expected_inputs = make_inputs((2, 4, 4, 70, 16), 2, torch.float32, device, True,
                                                               mask_kind)
     out, expected = run_both(case, lse, mask, is_causal, expected_inputs, aggregate=False)
-    assert_matches_reference(out, expected, torch.float32)
+    assert_close_to(out, expected, torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -114,7 +120,7 @@ def test_cross_attention_shapes_without_aggregation(device):
                                                               Nk=70)
     out, expected = run_both(case, lse, mask, is_causal, expected_inputs, aggregate=False)
     assert out.shape == (2, 3, 70)
-    assert_matches_reference(out, expected, torch.float32)
+    assert_close_to(out, expected, torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -123,7 +129,7 @@ def test_explicit_scale(device):
     lse = log_sum_exp(exact[1], exact[2], None, False, scale=0.3)
     out = ops.sdpa_row_relevance_update(*case, lse.float().to(device), scale=0.3)
     expected = reference.sdpa_row_relevance_update(*exact, lse.float().double(), scale=0.3)
-    assert_matches_reference(out, expected, torch.float32)
+    assert_close_to(out, expected, torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -153,7 +159,7 @@ def test_fully_masked_rows_get_no_attention(device):
     out = ops.sdpa_row_relevance_update(*case, lse.float().to(device), keep.to(device))
     expected = reference.sdpa_row_relevance_update(*exact, lse.float().double(), keep)
     assert torch.isfinite(out).all()
-    assert_matches_reference(out, expected, torch.float32)
+    assert_close_to(out, expected, torch.float32)
 
 
 def test_batch_equals_per_sample():

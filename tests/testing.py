@@ -77,13 +77,13 @@ def exact(*tensors):
     return [t.detach().to("cpu", torch.float64) for t in tensors]
 
 
-def assert_matches_reference(actual, expected, dtype):
-    """`actual` (in `dtype`) equals the float64 `expected` within the dtype's tolerance."""
+def assert_matches_reference(actual, expected, dtype, rtol=None):
+    """`actual` (in `dtype`) equals the float64 `expected` within the dtype's tolerance (or `rtol`)."""
     assert actual.dtype == dtype, f"output dtype {actual.dtype}, expected {dtype}"
     assert actual.shape == expected.shape, f"output shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
     if expected.numel() == 0:
         return
-    rtol = RTOL[dtype]
+    rtol = RTOL[dtype] if rtol is None else rtol
     scale = expected.abs().max().item()
     torch.testing.assert_close(actual.detach().to("cpu", torch.float64), expected, rtol=rtol, atol=rtol * max(scale, 1e-30))
 

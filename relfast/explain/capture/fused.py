@@ -31,12 +31,13 @@ class FusedBackend:
 class _CpuFlash(FusedBackend):
     def forward(self, query, key, value, mask, is_causal, scale):
         output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, is_causal, attn_mask=mask, scale=scale)
+            query, key, value, 0.0, is_causal, attn_mask=additive_mask(mask, query.dtype), scale=scale)
         return output, lse, ()
 
     def backward(self, grad_out, query, key, value, mask, output, lse, saved, is_causal, scale):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.contiguous(), query, key, value, output, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
+            grad_out.contiguous(), query, key, value, output, lse, 0.0, is_causal,
+            attn_mask=additive_mask(mask, query.dtype), scale=scale)
 
 
 class _CudaEfficient(FusedBackend):
@@ -60,9 +61,11 @@ class _CudaEfficient(FusedBackend):
 
 def _aligned_bias(mask: Optional[Tensor], query: Tensor, key: Tensor) -> Optional[Tensor]:
     """The bias as the efficient kernel reads it (what ``scaled_dot_product_attention`` prepares):
-    (B, H, Nq, Nk), rows 16-element aligned (padded, then sliced back)."""
+    additive in the query's dtype, (B, H, Nq, Nk), rows 16-element aligned (padded, then sliced
+    back)."""
     if mask is None:
         return None
+    mask = additive_mask(mask, query.dtype)
     n_k = key.shape[-2]
     mask = mask.expand(query.shape[0], query.shape[1], query.shape[2], n_k)
     if mask.stride(-1) != 1 or mask.stride(-2) % 16:
@@ -95,19 +98,22 @@ def backend(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tenso
 
 
 def additive_mask(attn_mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    """The mask as the fused kernels take it: additive in the query's dtype (a bool mask becomes
-    0 / -inf, as ``scaled_dot_product_attention`` converts it)."""
+    """The mask as the fused attention kernels take it: additive in the query's dtype (a bool mask
+    becomes 0 / -inf, as ``scaled_dot_product_attention`` converts it). Made for each kernel call
+    and dropped after it, as SDPA does: a kept copy per layer would be O(layers · N²) for a
+    (B, 1, N, N) mask."""
     if attn_mask is None:
         return None
     if attn_mask.dtype == torch.bool:
         return torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill_(~attn_mask,
                                                                                                 float("-inf"))
-    return attn_mask.detach().to(dtype)
+    return attn_mask.to(dtype)
 
 
 class FusedAttention(torch.autograd.Function):
     """``scaled_dot_product_attention`` through ``record``'s fused backend; the forward hands the
-    log-sum-exp to the record, the backward is the fused one."""
+    log-sum-exp to the record, the backward is the fused one. ``record.fused_mask`` is the
+    model's own mask (bool or additive), which the relevance op reads as it is."""
 
     @staticmethod
     def forward(ctx, query, key, value, record):

@@ -145,7 +145,7 @@ class SdpaRecord(AttentionRecord):
         # fused_rows: the method only streams rows (row_update), so the fused kernels run forward
         # and backward and the forward's log-sum-exp is kept (capture/fused.py).
         self.fused_backend = fused.backend(query, key, value, attn_mask, is_causal, enable_gqa) if fused_rows else None
-        self.fused_mask = fused.additive_mask(self._mask, query.dtype) if self.fused_backend else None
+        self.fused_mask = self._mask if self.fused_backend else None
         self.logsumexp: Optional[Tensor] = None  # set by the fused forward
 
     @property
@@ -194,8 +194,11 @@ class SdpaRecord(AttentionRecord):
     def row_update(self, rows: Tensor, source_grad: Tensor, aggregate: bool) -> Tensor:
         if self.logsumexp is None:
             return super().row_update(rows, source_grad, aggregate)
+        mask = self.fused_mask
+        if mask is not None and mask.dtype != torch.bool:  # the values the fused forward added, rounded alike
+            mask = mask.to(self._query.dtype)
         return ops.sdpa_row_relevance_update(rows, self._query, self._key_heads, self._value_heads, source_grad,
-                                             self.logsumexp, self.fused_mask, is_causal=self._is_causal,
+                                             self.logsumexp, mask, is_causal=self._is_causal,
                                              scale=self._scale, aggregate=aggregate)
 
     def input_gradients(self, output_grad: Tensor, needs: Tuple[bool, ...]):
