@@ -6,7 +6,7 @@ export MAX_JOBS ?= 2
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 
-.PHONY: install build test demo bench cpp clean
+.PHONY: install build test demo bench bench-scaling cpp clean
 
 install: $(VENV)/.deps-installed build
 
@@ -44,8 +44,13 @@ demo: install
 	$(PY) examples/demo_explain_images.py out
 	$(PY) examples/demo_export.py out
 
+# bench_scaling.py (N up to 4096, about 20 minutes on 2 cores) runs on its own: make bench-scaling
 bench: install
-	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,rounds -q
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,rounds -q \
+		--ignore=benchmarks/bench_scaling.py
+
+bench-scaling: install
+	$(PY) -m pytest benchmarks/bench_scaling.py --benchmark-only -k cpu -q -s
 
 cpp: $(VENV)/.deps-installed
 	cmake -S . -B build/cmake
