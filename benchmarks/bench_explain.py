@@ -133,12 +133,11 @@ def reference(name, model, inputs, targets=None):
     return torch.stack(rows)
 
 
-def floor(name, model, inputs):
-    """One SDPA forward plus one input-gradient backward from the embeddings' output, parameters
-    frozen."""
+def input_gradient(model, inputs, embeddings, explained, **forward_kwargs):
+    """One forward plus one input-gradient backward from ``embeddings``' output, parameters frozen;
+    ``explained(output)`` gives the (B, C) logits whose argmax is explained."""
     with parameters_requiring_grad(model, False), torch.enable_grad():
         start = []
-        embeddings = model.vit.embeddings.patch_embeddings if name == "vitb16" else model.get_input_embeddings()
 
         def leaf(module, args, output):
             output = output.detach().requires_grad_()
@@ -147,13 +146,21 @@ def floor(name, model, inputs):
 
         handle = embeddings.register_forward_hook(leaf)
         try:
-            out = model(**inputs, **({} if name == "vitb16" else {"use_cache": False}))
+            out = model(**inputs, **forward_kwargs)
         finally:
             handle.remove()
-        logits = explained_logits(name, out)
+        logits = explained(out)
         y = logits.gather(1, logits.detach().argmax(dim=-1, keepdim=True)).sum()
         (grad,) = torch.autograd.grad(y, start[0])
     return grad
+
+
+def floor(name, model, inputs):
+    """One SDPA forward plus one input-gradient backward from the embeddings' output, parameters
+    frozen."""
+    embeddings = model.vit.embeddings.patch_embeddings if name == "vitb16" else model.get_input_embeddings()
+    return input_gradient(model, inputs, embeddings, lambda out: explained_logits(name, out),
+                          **({} if name == "vitb16" else {"use_cache": False}))
 
 
 def forward(name, model, inputs):

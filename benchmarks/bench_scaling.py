@@ -34,7 +34,7 @@ import pytest
 import torch
 
 import relfast
-from bench_explain import eager, parameters_requiring_grad
+from bench_explain import eager, input_gradient, parameters_requiring_grad
 
 transformers = pytest.importorskip("transformers")
 
@@ -127,23 +127,8 @@ def explained_logits(name, output):
 
 def floor(name, model, inputs):
     """One SDPA forward plus one input-gradient backward from the embeddings' output."""
-    with parameters_requiring_grad(model, False), torch.enable_grad():
-        start = []
-
-        def leaf(module, args, output):
-            output = output.detach().requires_grad_()
-            start.append(output)
-            return output
-
-        handle = model.get_input_embeddings().register_forward_hook(leaf)
-        try:
-            out = model(**inputs, **({} if name == "encoder" else {"use_cache": False}))
-        finally:
-            handle.remove()
-        logits = explained_logits(name, out)
-        y = logits.gather(1, logits.detach().argmax(dim=-1, keepdim=True)).sum()
-        (grad,) = torch.autograd.grad(y, start[0])
-    return grad
+    return input_gradient(model, inputs, model.get_input_embeddings(), lambda out: explained_logits(name, out),
+                          **({} if name == "encoder" else {"use_cache": False}))
 
 
 def reference(name, model, inputs):

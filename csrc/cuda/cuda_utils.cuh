@@ -87,4 +87,34 @@ class NonfiniteFlag {
 // Records a non-finite value seen by this thread (many threads may store the same 1).
 __device__ __forceinline__ void raise_flag(int* flag) { *flag = 1; }
 
+constexpr int kReduceThreads = 256;
+
+// out[b, r] = (aggregate ? v[b, r] : 0) + sum_c partial[b, c, r] for r < KN: the second pass of
+// the row-update kernels, which write one opmath partial per chunk of rows; summed in chunk order,
+// so results are deterministic (no atomics).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kReduceThreads)
+    reduce_chunks_kernel(const scalar_t* __restrict__ v, const at::opmath_type<scalar_t>* __restrict__ partial,
+                         scalar_t* __restrict__ out, int64_t KN, int64_t chunks, int64_t total, bool aggregate) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
+    const int64_t b = idx / KN, r = idx - b * KN;
+    const acc_t* p = partial + b * chunks * KN + r;
+    acc_t sum = 0;
+    for (int64_t c = 0; c < chunks; ++c) sum += p[c * KN];
+    out[idx] = static_cast<scalar_t>((aggregate ? static_cast<acc_t>(v[idx]) : acc_t(0)) + sum);
+  }
+}
+
+// Launches reduce_chunks_kernel over the `total` = B * KN outputs on the current stream.
+template <typename scalar_t>
+void reduce_chunks(const scalar_t* v, const at::opmath_type<scalar_t>* partial, scalar_t* out, int64_t KN,
+                   int64_t chunks, int64_t total, bool aggregate) {
+  reduce_chunks_kernel<scalar_t>
+      <<<grid_stride_blocks(total, kReduceThreads), kReduceThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          v, partial, out, KN, chunks, total, aggregate);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace relfast::cuda

@@ -26,7 +26,6 @@ namespace {
 
 constexpr int kColumnThreads = 128;   // columns j per block of pass 1
 constexpr int64_t kMaxChunkRows = 64;  // rows i per chunk (shared-memory tile of v)
-constexpr int kReduceThreads = 256;
 
 static_assert(kFusedRowUpdateMaxRows <= 8, "partial_rows_kernel is instantiated for at most 8 rows");
 
@@ -82,22 +81,6 @@ __global__ void __launch_bounds__(kColumnThreads)
   if (check != acc_t(0)) cuda::raise_flag(nonfinite);  // NaN != 0
 }
 
-// out[b, r] = (aggregate ? v[b, r] : 0) + sum_c partial[b, c, r], r indexing (K, N).
-template <typename scalar_t>
-__global__ void __launch_bounds__(kReduceThreads)
-    reduce_chunks_kernel(const scalar_t* __restrict__ v, const at::opmath_type<scalar_t>* __restrict__ partial,
-                         scalar_t* __restrict__ out, int64_t KN, int64_t chunks, int64_t total, bool aggregate) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
-    const int64_t b = idx / KN, r = idx - b * KN;
-    const acc_t* p = partial + b * chunks * KN + r;
-    acc_t sum = 0;
-    for (int64_t c = 0; c < chunks; ++c) sum += p[c * KN];
-    out[idx] = static_cast<scalar_t>((aggregate ? static_cast<acc_t>(v[idx]) : acc_t(0)) + sum);
-  }
-}
-
 template <typename scalar_t, int KMAX>
 void launch_partial_rows(const at::Tensor& v, const at::Tensor& g, const at::Tensor& a, at::Tensor& partial,
                          int64_t chunks, int64_t chunk_rows, int* nonfinite) {
@@ -151,11 +134,8 @@ at::Tensor row_relevance_update_cuda(const at::Tensor& v, const at::Tensor& grad
       launch_partial_rows<scalar_t, 8>(vc, g, a, partial, chunks, chunk_rows, flag.data());
     }
     const int64_t total = out.numel();
-    reduce_chunks_kernel<scalar_t>
-        <<<cuda::grid_stride_blocks(total, kReduceThreads), kReduceThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            vc.const_data_ptr<scalar_t>(), partial.const_data_ptr<at::opmath_type<scalar_t>>(),
-            out.mutable_data_ptr<scalar_t>(), K * N, chunks, total, aggregate);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::reduce_chunks<scalar_t>(vc.const_data_ptr<scalar_t>(), partial.const_data_ptr<at::opmath_type<scalar_t>>(),
+                                  out.mutable_data_ptr<scalar_t>(), K * N, chunks, total, aggregate);
   });
   if (flag.raised()) raise_nonfinite(op, "arguments 'grad' and 'attn'");
   return out;

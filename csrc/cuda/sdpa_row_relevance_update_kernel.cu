@@ -40,7 +40,6 @@ constexpr int kTile = 64;              // query rows and key columns of a tile
 constexpr int kLd = kTile + 4;         // padded row of a staged tile (keeps 16-byte alignment)
 constexpr int kMicro = 4;              // each thread owns a kMicro x kMicro block of the tile
 constexpr int kGroupRows = 8;          // rows of v per pass of the v-accumulation step
-constexpr int kReduceThreads = 256;
 // Workspace elements above which the query rows are not split (large K); one chunk always fits.
 constexpr int64_t kMaxPartialElems = int64_t(1) << 25;
 
@@ -347,22 +346,6 @@ __global__ void __launch_bounds__(kThreads, TileTraits<at::opmath_type<scalar_t>
   }
 }
 
-// out[b, r] = (aggregate ? v[b, r] : 0) + sum_c partial[b, c, r], r indexing (K, Nk).
-template <typename scalar_t>
-__global__ void __launch_bounds__(kReduceThreads)
-    sdpa_reduce_chunks_kernel(const scalar_t* __restrict__ v, const at::opmath_type<scalar_t>* __restrict__ partial,
-                              scalar_t* __restrict__ out, int64_t KN, int64_t chunks, int64_t total, bool aggregate) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
-    const int64_t b = idx / KN, r = idx - b * KN;
-    const acc_t* src = partial + b * chunks * KN + r;
-    acc_t sum = 0;
-    for (int64_t c = 0; c < chunks; ++c) sum += src[c * KN];
-    out[idx] = static_cast<scalar_t>((aggregate ? static_cast<acc_t>(v[idx]) : acc_t(0)) + sum);
-  }
-}
-
 void copy_strides(const at::Tensor& t, int64_t (&dst)[4]) {
   for (int d = 0; d < 4; ++d) dst[d] = t.stride(d);
 }
@@ -448,11 +431,8 @@ at::Tensor sdpa_row_relevance_update_cuda(const at::Tensor& v, const at::Tensor&
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     const int64_t total = out.numel();
-    sdpa_reduce_chunks_kernel<scalar_t>
-        <<<cuda::grid_stride_blocks(total, kReduceThreads), kReduceThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            vc.const_data_ptr<scalar_t>(), partial.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), K * Nk,
-            chunks, total, aggregate);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::reduce_chunks<scalar_t>(vc.const_data_ptr<scalar_t>(), partial.const_data_ptr<acc_t>(),
+                                  out.mutable_data_ptr<scalar_t>(), K * Nk, chunks, total, aggregate);
   });
   return out;
 }
