@@ -139,10 +139,9 @@ def test_equals_the_materialised_rule(device):
                                                                     "causal")
     rows, q, k, v, dout = exact
     k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
-    attn = torch.nn.functional.scaled_dot_product_attention  # only to get A: softmax of the causal scores
     scores = (q @ k.transpose(-2, -1) / 4).masked_fill(torch.ones(97, 97, dtype=torch.bool).triu(1), float("-inf"))
-    A = scores.softmax(-1)
-    torch.testing.assert_close(A @ v, attn(q, k, v, is_causal=True))
+    A = scores.softmax(-1)  # what SDPA multiplies V by (checked against SDPA itself)
+    torch.testing.assert_close(A @ v, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
     expected = ops.row_relevance_update(rows, dout @ v.transpose(-2, -1), A)
     out = ops.sdpa_row_relevance_update(*case, lse, is_causal=True)
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-10, atol=1e-12)

@@ -77,9 +77,10 @@ def _aligned_bias(mask: Optional[Tensor], query: Tensor, key: Tensor) -> Optiona
 _CPU, _CUDA = _CpuFlash(), _CudaEfficient()
 
 
-def backend(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
-            enable_gqa: bool) -> Optional[FusedBackend]:
-    """The fused kernels for this call, or None where they do not apply."""
+def backend(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
+            is_causal: bool) -> Optional[FusedBackend]:
+    """The fused kernels for this call, or None where they do not apply (grouped key/value heads
+    are already validated by the record; CPU flash attention takes them as they are)."""
     tensors = (query, key, value)
     if any(t.dim() != 4 or t.is_nested or not t.is_floating_point() for t in tensors):
         return None

@@ -144,7 +144,7 @@ class SdpaRecord(AttentionRecord):
         self._shared = {}  # A and ∇A of the backward in progress, from the method to the backward
         # fused_rows: the method only streams rows (row_update), so the fused kernels run forward
         # and backward and the forward's log-sum-exp is kept (capture/fused.py).
-        self.fused_backend = fused.backend(query, key, value, attn_mask, is_causal, enable_gqa) if fused_rows else None
+        self.fused_backend = fused.backend(query, key, value, attn_mask, is_causal) if fused_rows else None
         self.fused_mask = self._mask if self.fused_backend else None
         self.logsumexp: Optional[Tensor] = None  # set by the fused forward
 
