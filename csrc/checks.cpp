@@ -181,22 +181,23 @@ double check_sdpa_row_relevance_update_args(const at::Tensor& v, const at::Tenso
                     "of 'v' (", v.device(), "), got ", logsumexp.device());
   const int64_t B = v.size(0), Nq = v.size(2), H = query.size(1), D = query.size(3), Hkv = key.size(1),
                 Nk = key.size(2), Dv = value.size(3);
-  check_dim(query, 0, B, op, "query", "the batch size B of 'v'");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{query, "query"}, {key, "key"},
+                                {value, "value"}, {grad_out, "grad_out"}, {logsumexp, "logsumexp"}}) {
+    check_dim(t, 0, B, op, name, "the batch size B of 'v'");
+  }
   check_dim(query, 2, Nq, op, "query", "the token count Nq of 'v'");
   TORCH_CHECK_VALUE(H >= 1, "relfast.", op, ": argument 'query' must have at least one head (H >= 1), got shape ",
                     shape_str(query));
-  check_dim(key, 0, B, op, "key", "the batch size B of 'v'");
+  TORCH_CHECK_VALUE(D >= 1 || scale.has_value(), "relfast.", op, ": argument 'query' has head dimension 0 (shape ",
+                    shape_str(query), "); the default scale 1/sqrt(D) needs D >= 1");
   check_dim(key, 3, D, op, "key", "the head dimension D of 'query'");
   TORCH_CHECK_VALUE(Hkv >= 1 && H % Hkv == 0, "relfast.", op, ": argument 'key' has ", Hkv, " heads (shape ",
                     shape_str(key), "); the ", H, " query heads must be a multiple of them (grouped-query attention)");
-  check_dim(value, 0, B, op, "value", "the batch size B of 'v'");
   check_dim(value, 1, Hkv, op, "value", "the head count of 'key'");
   check_dim(value, 2, Nk, op, "value", "the key count Nk of 'key'");
-  check_dim(grad_out, 0, B, op, "grad_out", "the batch size B of 'v'");
   check_dim(grad_out, 1, H, op, "grad_out", "the head count H of 'query'");
   check_dim(grad_out, 2, Nq, op, "grad_out", "the token count Nq of 'v'");
   check_dim(grad_out, 3, Dv, op, "grad_out", "the value dimension Dv of 'value'");
-  check_dim(logsumexp, 0, B, op, "logsumexp", "the batch size B of 'v'");
   check_dim(logsumexp, 1, H, op, "logsumexp", "the head count H of 'query'");
   check_dim(logsumexp, 2, Nq, op, "logsumexp", "the token count Nq of 'v'");
   TORCH_CHECK_VALUE(!aggregate || Nk == Nq, "relfast.", op, ": with aggregate=True the attention must be ",

@@ -72,6 +72,8 @@ BAD_CALLS = {
     "sdpa:inf-grad-out": (lambda: sdpa(grad_out=poisoned(torch.randn(2, 4, 5, 3), INF)), ["'grad_out'", "finite"]),
     "sdpa:nan-lse": (lambda: sdpa(logsumexp=poisoned(torch.randn(2, 4, 5), NAN, (1, 2, 3))), ["'logsumexp'", "NaN"]),
     "sdpa:inf-scale": (lambda: sdpa(scale=INF), ["'scale'", "finite"]),
+    "sdpa:head-dim-0": (lambda: sdpa(query=torch.randn(2, 4, 5, 0), key=torch.randn(2, 2, 5, 0)),
+                        ["'query'", "head dimension 0"]),
     "sdpa:device": (lambda: sdpa(grad_out=torch.randn(2, 4, 5, 3, device="meta")), ["'grad_out'", "device"]),
     "sdpa:overflow-fp16": (lambda: sdpa(v=full(2, 1, 5, value=3e4), query=full(2, 4, 5, 3, value=0),
                                         key=full(2, 2, 5, 3, value=0), value=full(2, 2, 5, 3, value=100),
