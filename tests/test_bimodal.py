@@ -320,7 +320,14 @@ CASES = {
     "visual_bert": (models.visual_bert, lambda: models.visual_bert_inputs(2, 0), None),
     "lxmert": (models.lxmert, lambda: models.lxmert_inputs(2, 0), [0, 1]),
     "detr": (models.detr, lambda: models.detr_inputs(2, 0), [1, 2]),
+    "clip-eager": (lambda: eager(models.clip()), lambda: models.clip_inputs(2, 2, 0), "all"),
+    "detr-eager": (lambda: eager(models.detr()), lambda: models.detr_inputs(2, 0), [1, 2]),
 }
+
+
+def eager(model):
+    model.set_attn_implementation("eager")
+    return model
 
 
 @pytest.mark.parametrize("name", CASES)

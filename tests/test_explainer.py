@@ -1,6 +1,8 @@
 """relfast.Explainer against a plain float64, one-sample-at-a-time implementation of the
 reference algorithm (docs/METHODS.md): forward with the attention maps, autograd.grad of the target logit
 with respect to them, then the method's rule layer by layer."""
+import copy
+
 import pytest
 import torch
 import transformers  # installed by requirements.txt: a missing one must fail, not skip
@@ -243,12 +245,30 @@ def test_attention_the_engine_cannot_see_is_an_error():
         relfast.Explainer(model)(inputs_for("vit", 2))
 
 
-def test_layers_with_another_attention_implementation_are_counted():
-    model = make("vit")  # eager in the config, but one layer runs SDPA: its map would be missing
-    model.vit.layers[1].attention.config = type(model.config).from_dict(
-        {**model.config.to_dict(), "_attn_implementation": "sdpa"})
-    with pytest.raises(ValueError, match="ran scaled_dot_product_attention in some layers|attention layers but"):
-        relfast.Explainer(model)(inputs_for("vit", 2))
+@pytest.mark.parametrize("method", ["generic", "rollout", "attn_gradcam", "transformer_attribution"])
+def test_a_model_mixing_eager_and_sdpa_layers_is_explained_as_it_runs(method, monkeypatch):
+    """The capture sees eager softmaxes and SDPA calls alike, in the order they run: a model whose
+    config says eager but whose layer 1 runs SDPA gets the all-eager model's map (same weights)."""
+    model = make("vit")  # eager; HF's eager softmax runs in float32, so the maps agree to float32 rounding
+    mixed = make("vit")
+    attention = mixed.vit.layers[1].attention
+    config = copy.deepcopy(attention.config)
+    config._attn_implementation = "sdpa"
+    attention.config = config
+    kinds = []
+    forward = relfast.explain.session.Session._forward
+
+    def recording(session, call):
+        output, records = forward(session, call)
+        kinds.append([type(record).__name__ for record in records])
+        return output, records
+
+    inputs = inputs_for("vit", 2)
+    expected = relfast.Explainer(model, method)(inputs).relevance
+    monkeypatch.setattr(relfast.explain.session.Session, "_forward", recording)
+    got = relfast.Explainer(mixed, method)(inputs).relevance
+    assert kinds[-1] == ["ProbabilityRecord", "SdpaRecord", "ProbabilityRecord"], kinds
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 BAD = {

@@ -9,9 +9,28 @@ import torch
 
 import relfast
 from relfast.explain.methods import ATTENTION_METHODS
-from engine_models import HAND_WRITTEN_LAYOUT, build, inputs_for
+from engine_models import HAND_WRITTEN_LAYOUT, build as build_sdpa, inputs_for as engine_inputs
 
-NAMES = ["hf-vit", "hf-bert", "timm-vit", "torchvision-vit", "gpt2", "llama", "hand-written"]
+# HF models as loaded (SDPA) and with eager attention: transformers' own output_attentions path
+# installs hooks for good, so eager models are where leftovers would show.
+EAGER = ["hf-vit-eager", "hf-bert-eager", "gpt2-eager", "llama-eager"]
+NAMES = ["hf-vit", "hf-bert", "timm-vit", "torchvision-vit", "gpt2", "llama", "hand-written"] + EAGER
+
+
+def build(name):
+    if not name.endswith("-eager"):
+        return build_sdpa(name)
+    model = build_sdpa(name[:-len("-eager")])
+    if name == "llama-eager":  # HF's eager Llama turns left-padded float64 samples into NaN (its own mask)
+        model.float()
+    model.set_attn_implementation("eager")
+    return model
+
+
+def inputs_for(name, *args, **kwargs):
+    inputs = engine_inputs(name.removesuffix("-eager"), *args, **kwargs)
+    return {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()} if name == "llama-eager" \
+        else inputs
 
 
 def explainer_for(name, model, method="generic"):
@@ -113,7 +132,9 @@ def test_set_attn_implementation_is_never_called():
 
 @pytest.mark.parametrize("name,method", [("hf-vit", "rollout"), ("hf-vit", "raw_attention"), ("hf-vit", "generic"),
                                          ("timm-vit", "generic"), ("gpt2", "generic"), ("hf-bert", "attn_gradcam"),
-                                         ("hf-vit", "transformer_attribution"), ("torchvision-vit", "lrp")])
+                                         ("hf-vit", "transformer_attribution"), ("torchvision-vit", "lrp"),
+                                         ("hf-vit-eager", "generic"), ("gpt2-eager", "generic"),
+                                         ("hf-bert-eager", "transformer_attribution")])
 def test_eight_threads_get_the_sequential_results(name, method):
     model = build(name)
     explainer = explainer_for(name, model, method)
@@ -152,7 +173,7 @@ def test_a_model_in_training_mode_is_refused_before_any_work_and_left_training(n
     assert forwards == [] and all(m.training for m in model.modules())
 
 
-LRP_FAMILIES = ("hf-vit", "hf-bert", "timm-vit", "torchvision-vit")  # the LRP rules' families (not the LMs)
+LRP_FAMILIES = ("hf-vit", "hf-bert", "timm-vit", "torchvision-vit", "hf-vit-eager", "hf-bert-eager")  # not the LMs
 
 
 @pytest.mark.parametrize("name,method", [(name, method) for name in NAMES for method in relfast.explain.METHODS

@@ -65,7 +65,7 @@ class Session:
         targets.check_batch(call.batch)
         if not self.traced:
             self.family.check_values(call)
-        kind = self.family.attention_capture()
+        self.family.check_attention_implementation()
         gradients = self.method.needs_gradients
         # LRP-only methods: the relevance forward is the call's only forward
         relevance_only = self.method.uses_relevance_pass and not gradients
@@ -78,7 +78,7 @@ class Session:
                 output, maps = relevance_pass.forward()
                 records = [ProbabilityRecord(m) for m in maps]
             else:
-                output, records = self._forward(call, kind)
+                output, records = self._forward(call)
             plan = self.family.plan(records, call)
             if plan is None:
                 num_tokens = self._check_records(records, call)
@@ -123,20 +123,16 @@ class Session:
         maps = self.family.finish_maps(maps, call)
         return maps, {stream.name: stream.layout for stream in plan.streams}
 
-    def _forward(self, call: ModelCall, kind: str) -> Tuple[Any, List[AttentionRecord]]:
-        """The model's forward under the attention capture: (output, one record per site)."""
-        capture = AttentionCapture(softmax=self.family.softmax_capture and kind == "sdpa", explicit=self.traced,
+    def _forward(self, call: ModelCall) -> Tuple[Any, List[AttentionRecord]]:
+        """The model's forward under the attention capture: (output, one record per site).
+
+        Eager attention is seen as its softmax, never through ``output_attentions``: that path
+        makes transformers install output-capturing hooks on the model for good."""
+        capture = AttentionCapture(softmax=self.family.softmax_capture, explicit=self.traced,
                                    fused_rows=self.method.streams_rows)
         with capture:
-            output, attentions = self.family.forward(call, output_attentions=kind == "eager")
-        records = capture.records
-        if kind == "eager":
-            if records:
-                raise ValueError(f"relfast.Explainer: the {type(self.family.model).__name__} model is configured "
-                                 "for eager attention but ran scaled_dot_product_attention in some layers; load it "
-                                 "with one attention implementation")
-            records = [ProbabilityRecord(a) for a in attentions or () if a is not None]
-        return output, records
+            output = self.family.forward(call)
+        return output, capture.records
 
     def _check_records(self, records: List[AttentionRecord], call: ModelCall) -> int:
         """Every site seen, all of one (B, H, N, N) self-attention shape; returns N."""

@@ -71,7 +71,8 @@ class AttentionCapture(TorchFunctionMode):
         if func is F.embedding and self.freeze and isinstance(result, torch.Tensor) and not result.requires_grad:
             result.requires_grad_()  # the graph's leaf: nothing below the embeddings is differentiated
         elif self.softmax and func in _SOFTMAX and _is_attention_softmax(args, kwargs, result):
-            self.records.append(ProbabilityRecord(self._in_graph(result)))
+            scores = args[0] if args else kwargs["input"]
+            self.records.append(ProbabilityRecord(self._in_graph(result), dtype=scores.dtype))
         return result
 
     def _in_graph(self, result: torch.Tensor) -> torch.Tensor:

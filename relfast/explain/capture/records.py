@@ -34,6 +34,11 @@ class AttentionRecord:
         """(B, H, N_q, N_k)."""
         raise NotImplementedError
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the probabilities and gradients the record gives."""
+        raise NotImplementedError
+
     def probabilities(self) -> Tensor:
         """(B, H, N_q, N_k), detached."""
         raise NotImplementedError
@@ -54,22 +59,31 @@ class AttentionRecord:
 
 class ProbabilityRecord(AttentionRecord):
     """Probabilities that are a tensor of the graph. ``heads_shape`` views a (B·H, N_q, N_k)
-    tensor (``nn.MultiheadAttention``'s) as (B, H, N_q, N_k)."""
+    tensor (``nn.MultiheadAttention``'s) as (B, H, N_q, N_k). ``dtype``: the dtype the model
+    computes the attention in, when the softmax ran in another (HF eager attention takes its
+    softmax in float32 and casts back): the record then speaks the model's dtype, as its SDPA
+    sites do, so layers of both kinds combine."""
 
-    def __init__(self, probabilities: Tensor, heads_shape: Optional[Tuple[int, int, int, int]] = None):
+    def __init__(self, probabilities: Tensor, heads_shape: Optional[Tuple[int, int, int, int]] = None,
+                 dtype: Optional[torch.dtype] = None):
         self.source = probabilities if probabilities.requires_grad else None
-        self._values = probabilities.detach()
+        self._dtype = dtype if dtype is not None else probabilities.dtype
+        self._values = probabilities.detach().to(self._dtype)
         self._shape = tuple(heads_shape) if heads_shape is not None else tuple(probabilities.shape)
 
     @property
     def shape(self):
         return self._shape
 
+    @property
+    def dtype(self):
+        return self._dtype
+
     def probabilities(self) -> Tensor:
         return self._values.view(self._shape)
 
     def attention_gradient(self, source_grad: Tensor) -> Tensor:
-        return source_grad.reshape(self._shape)
+        return source_grad.reshape(self._shape).to(self._dtype)
 
 
 def attention_bias(attn_mask: Optional[Tensor], is_causal: bool, n_q: int, n_k: int, dtype: torch.dtype,
@@ -151,6 +165,10 @@ class SdpaRecord(AttentionRecord):
     @property
     def shape(self):
         return self._shape
+
+    @property
+    def dtype(self):
+        return self._query.dtype
 
     @property
     def is_causal(self) -> bool:

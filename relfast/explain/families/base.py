@@ -52,8 +52,9 @@ class Family:
         name: shown in errors and in the list of supported families.
         needs_callable_target: models without a head (their output is not class scores).
         hf_attention: HuggingFace models: the attention implementation is read from the config
-            (``eager`` -> ``output_attentions``; ``sdpa`` -> the SDPA capture).
-        softmax_capture: also record explicit attention softmaxes (hand-written eager attention).
+            (``sdpa`` or ``eager``; others are refused).
+        softmax_capture: also record explicit attention softmaxes (eager attention: HF ``eager``,
+            hand-written, timm with ``fused_attn=False``).
     """
 
     name = "?"
@@ -105,20 +106,18 @@ class Family:
         """How many attention sites one forward must show (None: not known)."""
         return None
 
-    def attention_capture(self) -> str:
-        """'sdpa' (the engine's capture sees the attention) or 'eager' (the model returns the
-        probabilities with ``output_attentions=True``). Read at every call, never changed."""
+    def check_attention_implementation(self) -> None:
+        """HF models: refuse an attention implementation relfast cannot see (read at every call,
+        never changed). The capture sees ``sdpa`` calls and ``eager`` softmaxes alike, so a model
+        mixing the two across layers is explained as it runs."""
         if not self.hf_attention:
-            return "sdpa"
+            return
         config = getattr(self.model, "config", None)
         implementation = getattr(config, "_attn_implementation", None) or "eager"
-        if implementation == "eager":
-            return "eager"
-        if implementation == "sdpa":
-            return "sdpa"
-        raise ValueError(f"relfast.Explainer: the {type(self.model).__name__} model runs attention with "
-                         f"'{implementation}', which relfast cannot see; load it with attn_implementation='sdpa' "
-                         "(the default) or 'eager'")
+        if implementation not in ("eager", "sdpa"):
+            raise ValueError(f"relfast.Explainer: the {type(self.model).__name__} model runs attention with "
+                             f"'{implementation}', which relfast cannot see; load it with attn_implementation='sdpa' "
+                             "(the default) or 'eager'")
 
     def parse(self, inputs: Any) -> ModelCall:
         raise NotImplementedError
@@ -138,11 +137,9 @@ class Family:
                                  f"{largest:.3g}; float inputs must lie within ±{MAX_ABS_FLOAT_INPUT:g} (normalised "
                                  "pixels or embeddings are of order 1; far larger ones overflow inside the model)")
 
-    def forward(self, call: ModelCall, output_attentions: bool) -> Tuple[Any, Optional[List[Tensor]]]:
-        """Runs the model: (its output, the attention probabilities if ``output_attentions``)."""
-        extra = {"output_attentions": True} if output_attentions else {}
-        output = self.model(*call.args, **call.kwargs, **extra)
-        return output, (list(output.attentions) if output_attentions else None)
+    def forward(self, call: ModelCall) -> Any:
+        """Runs the model on the parsed call: its output."""
+        return self.model(*call.args, **call.kwargs)
 
     def scores(self, output: Any, call: ModelCall) -> Tensor:
         """The (B, C) values a target indexes (a callable target receives them)."""
@@ -153,7 +150,7 @@ class Family:
         evaluation protocols measure accuracy and occlusion with."""
         call = self.parse(inputs)
         with torch.no_grad():
-            output, _ = self.forward(call, output_attentions=False)
+            output = self.forward(call)
             return self.scores(output, call)
 
     # ---- several token streams (see relfast.explain.streams); one-stream families keep these ----
@@ -335,6 +332,7 @@ class HFFamily(Family):
     and the number of layers come from the config."""
 
     hf_attention = True
+    softmax_capture = True  # eager layers: their softmax (a 4-D softmax over the keys) is the map
     class_names: frozenset = frozenset()
 
     @classmethod

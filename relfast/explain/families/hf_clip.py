@@ -139,13 +139,6 @@ class HFClip(HFFamily):
         index = torch.zeros_like(target.graph_tensor) if isinstance(target, Targets) else torch.tensor(0)
         return expanded, Targets(graph_tensor=index) if isinstance(target, Targets) else Targets(fixed=index)
 
-    def forward(self, call, output_attentions):
-        extra = {"output_attentions": True} if output_attentions else {}
-        output = self.model(**call.kwargs, **extra)
-        if not output_attentions:
-            return output, None
-        return output, list(output.vision_model_output.attentions) + list(output.text_model_output.attentions)
-
     def scores(self, output, call):
         similarity = output.logits_per_image  # pair p: image p with text p (gather: its backward traces functionally)
         own = torch.arange(similarity.shape[0], device=similarity.device)

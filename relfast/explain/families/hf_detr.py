@@ -32,10 +32,6 @@ class HFDetr(HFFamily):
     fixed_batch_export = "HF DETR caches its position embeddings by shape, which a free batch size cannot key"
     softmax_capture = True  # eager DETR: its softmaxes are recorded (a constant first decoder layer included)
 
-    def attention_capture(self):
-        super().attention_capture()  # refuses implementations relfast cannot see
-        return "sdpa"  # sdpa calls or, with eager attention, softmaxes: the capture records both
-
     def default_layout(self):
         return TokenLayout(prefix_tokens=0)
 

@@ -30,7 +30,7 @@ class RelevancePass:
         if self._forward is None:
             capture = RelevanceCapture(self.conserve)
             with torch.enable_grad(), capture:
-                output, _ = self.family.forward(self.call, output_attentions=False)
+                output = self.family.forward(self.call)
             model = type(self.family.model).__name__
             if capture.unsupported:
                 names = sorted(set(capture.unsupported))

@@ -46,12 +46,12 @@ class Generic(Method):
     def streams_rows(self) -> bool:
         return not self.use_lrp
 
-    def initial_rows(self, run: Run, n: int, like: torch.Tensor) -> torch.Tensor:
+    def initial_rows(self, run: Run, n: int, dtype: torch.dtype, device) -> torch.Tensor:
         batch = run.batch
         if self.full_matrix:
-            return torch.eye(n, dtype=like.dtype, device=like.device).repeat(batch, 1, 1)
-        rows = torch.zeros(batch, 1, n, dtype=like.dtype, device=like.device)
-        rows[torch.arange(batch, device=like.device), 0, run.rows.to(like.device)] = 1
+            return torch.eye(n, dtype=dtype, device=device).repeat(batch, 1, 1)
+        rows = torch.zeros(batch, 1, n, dtype=dtype, device=device)
+        rows[torch.arange(batch, device=device), 0, run.rows.to(device)] = 1
         return rows
 
     def first_site(self, layers: int) -> int:
@@ -76,9 +76,12 @@ class Generic(Method):
 
             def update(site: int, grad: torch.Tensor) -> None:
                 record = run.records[site]
-                rows = state["rows"] if "rows" in state else self.initial_rows(run, record.shape[-1], grad)
+                if "rows" in state:  # a model mixing eager and SDPA layers may change dtype (see ProbabilityRecord)
+                    rows = state["rows"].to(record.dtype)
+                else:
+                    rows = self.initial_rows(run, record.shape[-1], record.dtype, grad.device)
                 if self.use_lrp:  # each R_A is freed once used
-                    attn = weights.pop(site).to(grad.dtype)
+                    attn = weights.pop(site).to(record.dtype)
                     state["rows"] = ops.row_relevance_update(rows, record.attention_gradient(grad), attn,
                                                              aggregate=self.aggregate)
                 else:  # SDPA sites recompute A and ∇A tile by tile (ops.sdpa_row_relevance_update)
