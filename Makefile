@@ -6,15 +6,15 @@ export MAX_JOBS ?= 2
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 
-.PHONY: install build test demo bench bench-scaling cpp clean
+.PHONY: install build test test-slow demo bench bench-scaling cpp clean
 
 install: $(VENV)/.deps-installed build
 
-$(VENV)/.deps-installed: requirements.txt
+$(VENV)/.deps-installed: requirements.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@echo "relfast: installing the dependencies (torch with its CUDA libraries: a few GB from PyPI on a fresh machine)"
-	$(PY) -m pip install --progress-bar off -r requirements.txt | { grep -E --line-buffered '^(Collecting|Successfully)' || true; }
+	$(PY) -m pip install --progress-bar off -r requirements.txt -c constraints.txt | { grep -E --line-buffered '^(Collecting|Successfully)' || true; }
 	touch $@
 
 # The first build registers the editable install (pip builds in a throw-away folder); later
@@ -35,8 +35,13 @@ $(VENV)/.relfast-registered: setup.py pyproject.toml
 		|| { tail -n 60 build/pip-install.log; echo "relfast: install failed, full log in build/pip-install.log"; exit 1; }
 	touch $@
 
+# Per-file progress lines and the 15 slowest cases at the end. The slow cases (pytest -m slow:
+# 1,000 repeated explanations per model for the flat-memory check) run apart: make test-slow.
 test: install
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -m "not slow" --durations=15
+
+test-slow: install
+	$(PY) -m pytest tests -m slow --durations=15
 
 demo: install
 	$(PY) examples/demo_ops.py
