@@ -276,7 +276,60 @@ BAD = {
     "visual bert region width": (models.visual_bert, lambda: {**models.visual_bert_inputs(2, 0),
                                                               "visual_embeds": torch.zeros(2, 6, 5)}, {}, None,
                                  "(B, regions >= 1, 12)"),
+    # issue 19: every text model refuses an all-padding sample and non-0/1 masks; other checks
+    "clip all-padding text": (models.clip, lambda: changed(models.clip_inputs(2, 2, 0), "attention_mask", 1, 0), {},
+                              None, "attention_mask is all zeros"),
+    "clip mask value 2": (models.clip, lambda: changed(models.clip_inputs(2, 2, 0), "attention_mask", 0, 2, [0]), {},
+                          None, "only 0 (padding) and 1 (real), got 2"),
+    "clip text without its end token": (models.clip, lambda: without_eot(models.clip_inputs(2, 2, 0)), {}, None,
+                                        "without the end token (eos_token_id 59)"),
+    "clip float32 pixels": (models.clip, lambda: as_float32(models.clip_inputs(2, 2, 0)), {}, None,
+                            "('pixel_values') is torch.float32 but the model computes in torch.float64"),
+    "visual bert all-padding text": (models.visual_bert,
+                                     lambda: changed(models.visual_bert_inputs(2, 0), "attention_mask", 1, 0), {},
+                                     None, "attention_mask is all zeros"),
+    "visual bert one-token text": (models.visual_bert, lambda: one_token(models.visual_bert_inputs(2, 0)), {}, None,
+                                   "fewer than 2 real tokens (sample 1)"),
+    "visual bert token type 2": (models.visual_bert, lambda: changed(models.visual_bert_inputs(2, 0), "token_type_ids",
+                                                                     0, 2, [1]), {}, None,
+                                 "(token_type_ids) holds 2, outside the model's 2 token types"),
+    "visual bert float32 regions": (models.visual_bert, lambda: as_float32(models.visual_bert_inputs(2, 0)), {}, None,
+                                    "('visual_embeds') is torch.float32"),
+    "lxmert all-padding text": (models.lxmert, lambda: changed(models.lxmert_inputs(2, 0), "attention_mask", 0, 0), {},
+                                None, "attention_mask is all zeros"),
+    "lxmert float32 features": (models.lxmert, lambda: as_float32(models.lxmert_inputs(2, 0)), {}, None,
+                                "is torch.float32 but the model computes in torch.float64"),
+    "detr all-zero pixel mask": (models.detr, lambda: {**models.detr_inputs(2, 0),
+                                                       "pixel_mask": torch.tensor([1, 0])[:, None, None].expand(
+                                                           2, 64, 64).clone()}, {}, None,
+                                 "pixel_mask is all zeros; every sample needs at least one real pixel"),
+    "detr float32 pixels": (models.detr, lambda: as_float32(models.detr_inputs(2, 0)), {}, None,
+                            "('pixel_values') is torch.float32"),
 }
+
+
+def changed(inputs, key, row, value, columns=None):
+    """``inputs`` with ``inputs[key][row, columns]`` (all columns: None) set to ``value``."""
+    inputs[key] = inputs[key].clone()
+    inputs[key][row, slice(None) if columns is None else columns] = value
+    return inputs
+
+
+def without_eot(inputs):
+    ids = inputs["input_ids"].clone()
+    ids[1][ids[1] == models.CLIP_EOT] = models.CLIP_EOT - 1
+    return {**inputs, "input_ids": ids}
+
+
+def one_token(inputs):
+    mask = inputs["attention_mask"].clone()
+    mask[1] = 0
+    mask[1, 0] = 1
+    return {**inputs, "attention_mask": mask}
+
+
+def as_float32(inputs):
+    return {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}
 
 
 @pytest.mark.parametrize("case", BAD)

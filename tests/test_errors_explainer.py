@@ -31,6 +31,18 @@ def pixels(**change):
     return {"pixel_values": x}
 
 
+def mask_with(model_name, value):
+    mask = inputs_for(model_name)["attention_mask"].clone()
+    mask[0, -1] = value
+    return mask
+
+
+def all_padding_second(model_name):
+    mask = inputs_for(model_name)["attention_mask"].clone()
+    mask[1] = 0
+    return mask
+
+
 def text(model_name="hf-bert", **change):
     inputs = {k: v.clone() for k, v in inputs_for(model_name).items()}
     inputs.update(change)
@@ -82,6 +94,27 @@ CASES = {
                                  ["callable 'target'", "do not depend"]),
     "constant callable target": ("hf-vit", {}, lambda: inputs_for("hf-vit"), {"target": constant},
                                  ["callable 'target'", "do not depend"]),
+    # issue 19
+    "attention_mask value 2 (shifts an LM's positions)": ("gpt2", {}, lambda: text("gpt2", attention_mask=mask_with(
+        "gpt2", 2)), {}, ["'inputs'", "(attention_mask) must hold only 0 (padding) and 1 (real), got 2"]),
+    "attention_mask value -1": ("hf-bert", {}, lambda: text(attention_mask=mask_with("hf-bert", -1)), {},
+                                ["'inputs'", "attention_mask", "got -1"]),
+    "all-padding BERT sample": ("hf-bert", {}, lambda: text(attention_mask=all_padding_second("hf-bert")), {},
+                                ["'inputs'", "attention_mask is all zeros"]),
+    "position_ids beyond GPT-2's positions": ("gpt2", {}, lambda: text("gpt2", position_ids=torch.full((3, 9), 64)),
+                                              {}, ["'inputs'", "(position_ids) holds 64", "64 positions"]),
+    "BERT token_type_ids 2": ("hf-bert", {}, lambda: text(token_type_ids=torch.full((3, 9), 2)), {},
+                              ["'inputs'", "(token_type_ids) holds 2", "2 token types"]),
+    "a key/value cache": ("gpt2", {}, lambda: text("gpt2", past_key_values=transformers.DynamicCache()), {},
+                          ["'inputs'", "'past_key_values'", "without a key/value cache"]),
+    "float32 pixels for a float64 HF ViT": ("hf-vit", {}, lambda: {"pixel_values": pixels()["pixel_values"].float()},
+                                            {}, ["'inputs'", "torch.float32", "computes in torch.float64"]),
+    "float32 image for a float64 timm ViT": ("timm-vit", {}, lambda: inputs_for("timm-vit").float(), {},
+                                             ["'inputs'", "torch.float32", "cast the inputs"]),
+    "float32 image for a float64 torchvision ViT": ("torchvision-vit", {}, lambda: inputs_for("torchvision-vit").float(),
+                                                    {}, ["'inputs'", "torch.float32"]),
+    "image on the meta device": ("timm-vit", {}, lambda: inputs_for("timm-vit").to("meta"), {},
+                                 ["'inputs'", "is on meta but the model is on cpu"]),
     "headless timm without a callable target": ("timm-headless", {}, lambda: torch.randn(2, 3, 32, 32,
                                                                                         dtype=torch.float64), {},
                                                 ["callable 'target'"]),
@@ -120,6 +153,13 @@ CONSTRUCTION = {
     "layout of the wrong type": (lambda: relfast.Explainer(build("hand-written"), layout={"prefix_tokens": 1}),
                                  ["'layout'", "TokenLayout"]),
     "model that is not a module": (lambda: relfast.Explainer(lambda x: x), ["'model'", "torch.nn.Module"]),
+    # issue 19: a string is not a flag ("False" would read as True)
+    "aggregate='False'": (lambda: relfast.Explainer(build("hf-vit"), aggregate="False"),
+                          ["'aggregate'", "True or False", "'False'"]),
+    "full_matrix='no'": (lambda: relfast.Explainer(build("hf-vit"), full_matrix="no"), ["'full_matrix'", "'no'"]),
+    "normalize='no'": (lambda: relfast.Explainer(build("hf-vit"), normalize="no"), ["'normalize'", "'no'"]),
+    "use_lrp=1": (lambda: relfast.Explainer(build("hf-vit"), use_lrp=1), ["'use_lrp'", "True or False"]),
+    "method as a list": (lambda: relfast.Explainer(build("hf-vit"), ["generic"]), ["'method'", "str"]),
 }
 
 
@@ -130,6 +170,25 @@ def test_bad_explainer_options_are_refused_at_construction(case):
         make()
     for word in words:
         assert word in str(error.value), (word, str(error.value))
+
+
+@pytest.mark.parametrize("name,method", [(name, method) for name in ("hf-vit", "timm-vit", "gpt2", "hf-bert")
+                                         for method in ("generic", "rollout", "transformer_attribution")
+                                         if not (name == "gpt2" and method == "transformer_attribution")])
+def test_inputs_made_under_inference_mode_are_explained_as_others(name, method):
+    model = build(name)
+    inputs = inputs_for(name)
+    with torch.inference_mode():
+        frozen = {k: v.clone() for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.clone()
+    explainer = relfast.Explainer(model, method)
+    torch.testing.assert_close(explainer(frozen).relevance, explainer(inputs).relevance)
+
+
+def test_numpy_bool_flags_are_accepted():
+    model = build("hf-vit")
+    inputs = inputs_for("hf-vit")
+    torch.testing.assert_close(relfast.Explainer(model, aggregate=np.bool_(False))(inputs).relevance,
+                               relfast.Explainer(model, aggregate=False)(inputs).relevance)
 
 
 def test_numpy_integer_targets_are_accepted():

@@ -7,6 +7,7 @@ method's file in ``relfast.explain.methods`` states its rule.
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -80,6 +81,13 @@ class Explanation:
         return layout.to_pixels(grid, normalize) if upsample else grid
 
 
+def _flag(name: str, value: Any) -> bool:
+    """A boolean option, checked: "False" or "no" would read as True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"relfast.Explainer: argument '{name}' must be True or False, got {value!r}")
+    return bool(value)
+
+
 class Explainer:
     """Explains predictions of an unmodified model.
 
@@ -111,6 +119,13 @@ class Explainer:
     def __init__(self, model: torch.nn.Module, method: str = "generic", *, layout: Optional[TokenLayout] = None,
                  start_layer: Optional[int] = None, aggregate: bool = True, full_matrix: bool = False,
                  use_lrp: bool = False, normalize: bool = True, cross_self_attention: bool = True):
+        if not isinstance(method, str):
+            raise ValueError(f"relfast.Explainer: argument 'method' must be a method name (a str), got "
+                             f"{type(method).__name__}")
+        aggregate, full_matrix, use_lrp, normalize, cross_self_attention = (
+            _flag(name, value) for name, value in (("aggregate", aggregate), ("full_matrix", full_matrix),
+                                                   ("use_lrp", use_lrp), ("normalize", normalize),
+                                                   ("cross_self_attention", cross_self_attention)))
         if not aggregate and method != "generic":
             raise ValueError("relfast.Explainer: argument 'aggregate=False' is an ablation of method 'generic' only")
         if full_matrix and method not in ("generic", "rollout"):

@@ -61,6 +61,7 @@ class Session:
     def run(self, inputs: Any) -> SessionResult:
         _check_eval_mode(self.family.model)
         call = self.family.parse(inputs)
+        self.family.check_input_types(call)
         call, targets = self.family.prepare(call, self.targets)
         targets.check_batch(call.batch)
         if not self.traced:
@@ -89,7 +90,8 @@ class Session:
             explained = targets.resolve(scores)
             if not self.traced and explained is not None:  # families that know no class count before the forward
                 check_class_range(explained, scores.shape[-1])
-            run = Run(records, call.rows, call.token_mask, self.family.layout, scores, explained, targets)
+            run = Run(records, call.rows, call.token_mask, self.family.layout, scores, explained, targets,
+                      row_weights=None if plan is not None else self.family.explained_row_weights(call, _device(call)))
             if self.method.uses_relevance_pass:  # a second forward, run when the method first asks
                 run.relevance_pass = relevance_pass or RelevancePass(self.family, call, self.method.conserve,
                                                                      len(records))
@@ -210,7 +212,11 @@ def _graph_inputs(call: ModelCall) -> ModelCall:
     """Floating-point inputs become fresh leaves that require grad (the user's tensors are not
     touched); integer inputs reach the graph through the embeddings (see the capture)."""
     def leaf(value):
-        if isinstance(value, Tensor) and value.dtype.is_floating_point:
+        if not isinstance(value, Tensor):
+            return value
+        if value.is_inference():  # made under torch.inference_mode: autograd cannot save it; a normal copy can
+            value = value.clone()
+        if value.dtype.is_floating_point:
             return value.detach().requires_grad_()
         return value
 

@@ -122,6 +122,24 @@ class Family:
     def parse(self, inputs: Any) -> ModelCall:
         raise NotImplementedError
 
+    def check_input_types(self, call: ModelCall) -> None:
+        """Floating-point inputs (pixels, embeddings; not masks) in the model's dtype, and every
+        input on the model's device: a mismatch fails deep inside most models (timm, torchvision,
+        DETR, VisualBERT, LXMERT), or is silently cast by some."""
+        parameter = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+        if parameter is None:
+            return
+        named = list(call.kwargs.items()) + [(f"inputs[{i}]", a) for i, a in enumerate(call.args)]
+        for name, value in named:
+            if not isinstance(value, Tensor):
+                continue
+            if value.device != parameter.device:
+                raise ValueError(f"relfast.Explainer: argument 'inputs' ('{name}') is on {value.device} but the model "
+                                 f"is on {parameter.device}; move the inputs with .to('{parameter.device}')")
+            if value.is_floating_point() and not name.endswith("mask") and value.dtype != parameter.dtype:
+                raise ValueError(f"relfast.Explainer: argument 'inputs' ('{name}') is {value.dtype} but the model "
+                                 f"computes in {parameter.dtype}; cast the inputs with .to({parameter.dtype})")
+
     def check_values(self, call: ModelCall) -> None:
         """Checks that read the inputs' values (before any work): floating-point inputs finite and
         within ``MAX_ABS_FLOAT_INPUT`` (the bound the ONNX runtime applies too)."""
@@ -171,6 +189,11 @@ class Family:
     def explained_rows(self, call: ModelCall, num_tokens: int, device) -> Tensor:
         """(B,) int64: the explained token of each sample (the layout's, unless the head reads another)."""
         return self.layout.explained_rows(call.batch, call.token_mask, num_tokens, device)
+
+    def explained_row_weights(self, call: ModelCall, device) -> Optional[Tensor]:
+        """(B, N) weights when the head reads a weighted mean of tokens rather than one token
+        (then the explained row is that mean of rows); None for one token (``explained_rows``)."""
+        return None
 
     def split_maps(self, relevance: Tensor, call: ModelCall) -> Dict[str, Tensor]:
         """One stream's explained rows as named maps."""
@@ -231,6 +254,11 @@ def check_tensors(inputs: Dict[str, Any]) -> None:
 def check_keys(inputs: Dict[str, Any], allowed: frozenset, model: torch.nn.Module) -> None:
     """A misspelled key (``attn_mask``) would be dropped or ignored by the model: refuse it."""
     unknown = sorted(set(inputs) - set(allowed))
+    cached = [key for key in unknown if key in ("past_key_values", "use_cache", "cache_position")]
+    if cached:
+        raise ValueError(f"relfast.Explainer: argument 'inputs' holds '{cached[0]}': relfast explains the whole "
+                         "sequence in one forward, without a key/value cache; pass the full input_ids (and "
+                         "attention_mask) instead")
     if unknown:
         raise ValueError(f"relfast.Explainer: argument 'inputs' has key(s) {unknown} that relfast does not pass to "
                          f"{type(model).__name__}; expected keys among {sorted(allowed)}")
@@ -297,9 +325,9 @@ def text_inputs(inputs: Any, allowed: frozenset = TEXT_KEYS, model: Optional[tor
         inputs = {"input_ids": inputs}
     else:
         check_tensors({"inputs": inputs})
-    check_tensors(inputs)
-    if model is not None:
+    if model is not None:  # before the tensor check: a cache object is refused as a cache
         check_keys(inputs, allowed, model)
+    check_tensors(inputs)
     batch = check_batch(inputs, "input_ids")
     ids = inputs["input_ids"]
     if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
@@ -327,6 +355,40 @@ def check_token_ids(ids: Tensor, vocab_size: Optional[int], max_positions: Optio
                          f"the model has {max_positions} positions")
 
 
+def check_mask(mask: Optional[Tensor], key: str = "attention_mask", what: str = "real token") -> None:
+    """A padding mask of 0s and 1s (other values would shift positions or weight tokens), with at
+    least one real entry per sample (an all-padding sample has nothing to explain)."""
+    if mask is None or mask.numel() == 0:
+        return
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        odd = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
+        raise ValueError(f"relfast.Explainer: argument 'inputs' ({key}) must hold only 0 (padding) and 1 (real), got "
+                         f"{odd:g}")
+    if not bool(mask.flatten(1).bool().any(dim=1).all()):
+        raise ValueError(f"relfast.Explainer: argument 'inputs' holds a sample whose {key} is all zeros; every "
+                         f"sample needs at least one {what}")
+
+
+def check_index_range(inputs: Dict[str, Any], key: str, size: Optional[int], what: str) -> None:
+    """An index input (token_type_ids, position_ids) inside the embedding table it reads."""
+    value = inputs.get(key)
+    if size is None or not isinstance(value, Tensor) or value.numel() == 0:
+        return
+    low, high = int(value.min()), int(value.max())
+    if low < 0 or high >= size:
+        raise ValueError(f"relfast.Explainer: argument 'inputs' ({key}) holds {low if low < 0 else high}, outside the "
+                         f"model's {size} {what} [0, {size})")
+
+
+def check_text(inputs: Dict[str, Any], vocab_size: Optional[int], max_positions: Optional[int],
+               type_vocab_size: Optional[int] = None) -> None:
+    """Every value check of a text batch: ids, mask, token types and explicit positions."""
+    check_token_ids(inputs["input_ids"], vocab_size, max_positions)
+    check_mask(inputs.get("attention_mask"))
+    check_index_range(inputs, "token_type_ids", type_vocab_size, "token types")
+    check_index_range(inputs, "position_ids", max_positions, "positions")
+
+
 class HFFamily(Family):
     """HuggingFace models, matched by class name (``class_names``); the attention implementation
     and the number of layers come from the config."""
@@ -344,9 +406,9 @@ class HFFamily(Family):
 
     def check_values(self, call: ModelCall) -> None:
         super().check_values(call)
-        if "input_ids" in call.kwargs:  # text: ids in the vocabulary, no longer than learned positions
-            check_token_ids(call.kwargs["input_ids"], getattr(self.model.config, "vocab_size", None),
-                            self.max_positions())
+        if "input_ids" in call.kwargs:  # text: ids, masks, token types and positions in range
+            check_text(call.kwargs, self.vocab_size(), self.max_positions(),
+                       getattr(self.model.config, "type_vocab_size", None))
 
 
 def is_instance(model: torch.nn.Module, module_name: str, class_name: str) -> bool:

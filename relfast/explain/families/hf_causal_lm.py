@@ -37,12 +37,6 @@ class HFCausalLM(HFFamily):
         # learned absolute positions (GPT-2) end at n_positions; rotary ones (Llama, ...) do not
         return getattr(self.model.config, "n_positions", None)
 
-    def check_values(self, call):
-        super().check_values(call)
-        if call.token_mask is not None and not bool(call.token_mask.any(dim=1).all()):
-            raise ValueError("relfast.Explainer: argument 'inputs' holds a sample whose attention_mask is all zeros; "
-                             "every sample needs at least one real token")
-
     def scores(self, output, call):
         logits = output.logits  # (B, N, V): the next-token logits at every position
         return logits[torch.arange(logits.shape[0], device=logits.device), call.rows.to(logits.device)]

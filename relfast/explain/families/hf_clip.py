@@ -21,7 +21,7 @@ from torch import Tensor
 from ..layout import TokenLayout
 from ..streams import IndependentStreams, Stream
 from ..targets import Targets
-from .base import (HFFamily, ModelCall, check_images, check_tensors, check_token_ids, image_call, pair, patch_layout,
+from .base import (HFFamily, ModelCall, check_images, check_tensors, image_call, pair, patch_layout,
                    register, text_inputs)
 
 _KEYS = frozenset({"pixel_values", "input_ids", "attention_mask", "position_ids"})
@@ -100,8 +100,8 @@ class HFClip(HFFamily):
                          extras={"images": images, "texts": texts})
 
     def check_values(self, call):
-        super().check_values(call)
-        check_token_ids(call.kwargs["input_ids"], self.model.config.text_config.vocab_size, self.max_positions())
+        super().check_values(call)  # text values against vocab_size() and max_positions(): the text tower's
+        check_eot(call.kwargs["input_ids"], call.token_mask, self.model.config.text_config.eos_token_id)
 
     def prepare(self, call, target):
         """One row per explained pair: image ``image_index[p]`` with text ``text_index[p]``."""
@@ -167,6 +167,21 @@ class HFClip(HFFamily):
     def finish_maps(self, maps, call):
         maps["text"] = words_between(maps["text"], call.extras["eot"])
         return maps
+
+
+def check_eot(ids: Tensor, token_mask: Optional[Tensor], eos_token_id: int) -> None:
+    """Every text holds its end token among its real tokens: CLIP pools that token, and without
+    it pools position 0 (the start token), whose map over the words is empty."""
+    if eos_token_id == 2:  # older checkpoints pool the largest id: always some token
+        return
+    present = ids == eos_token_id
+    if token_mask is not None:
+        present &= token_mask.to(present.device)
+    missing = (~present.any(dim=1)).nonzero().flatten()
+    if missing.numel():
+        raise ValueError(f"relfast.Explainer: argument 'inputs' (input_ids) holds a text without the end token "
+                         f"(eos_token_id {eos_token_id}) among its real tokens (text {int(missing[0])}); CLIP reads "
+                         "the text at that token: tokenize with the CLIP tokenizer, which appends it")
 
 
 def eot_rows(ids: Tensor, eos_token_id: int) -> Tensor:
@@ -236,6 +251,10 @@ class HFClipText(HFFamily):
         mask = inputs.get("attention_mask")
         return ModelCall(inputs, batch, num_tokens=inputs["input_ids"].shape[1],
                          token_mask=None if mask is None else mask.bool())
+
+    def check_values(self, call):
+        super().check_values(call)
+        check_eot(call.kwargs["input_ids"], call.token_mask, self.model.config.eos_token_id)
 
     def explained_rows(self, call, num_tokens, device):
         return eot_rows(call.kwargs["input_ids"], self.model.config.eos_token_id).to(device)

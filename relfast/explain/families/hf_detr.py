@@ -11,12 +11,14 @@ to the queries). ``maps["image"]`` is ``R^qi[j]`` over the backbone's feature po
 the model's output (``output.logits``, ``output.pred_boxes``) for boxes and
 ``relfast.eval.detr_masks``.
 """
+from typing import Optional
+
 import torch
 
 from ..layout import TokenLayout
 from ..streams import CoAttention, CrossPlan, Readout, SelfAttention, Stream
 from ..targets import Targets, check_class_range
-from .base import HFFamily, ModelCall, check_batch, check_tensors, register
+from .base import HFFamily, ModelCall, check_batch, check_mask, check_tensors, register
 
 _KEYS = frozenset({"pixel_values", "pixel_mask"})
 
@@ -77,21 +79,44 @@ class HFDetr(HFFamily):
                              f"{(batch, *pixels.shape[2:])}, got {tuple(inputs['pixel_mask'].shape)}")
         return ModelCall(inputs, batch)
 
+    def check_values(self, call):
+        super().check_values(call)
+        check_mask(call.kwargs.get("pixel_mask"), "pixel_mask", "real pixel")
+
     def export_outputs(self, output):
         return {"class_logits": output.logits, "pred_boxes": output.pred_boxes}
 
     def scores(self, output, call):
         return output.logits[..., :-1].amax(dim=-1)  # each query's best real class; its gradient is that logit's
 
+    def backbone_stride(self) -> Optional[int]:
+        """How many pixels one feature position spans, read from the backbone: a timm backbone's
+        ``feature_info``, or an HF ResNet config's stages (stem /4, then /2 per later stage).
+        None for other backbones."""
+        encoder = self.model.model.backbone
+        backbone = getattr(getattr(encoder, "conv_encoder", encoder), "model", None)  # older releases nest it
+        feature_info = getattr(backbone, "feature_info", None)
+        if feature_info is not None and hasattr(feature_info, "reduction"):
+            return int(feature_info.reduction()[-1])
+        config = getattr(backbone, "config", None)
+        stages = getattr(backbone, "out_features", None)
+        if getattr(config, "model_type", None) == "resnet" and stages and stages[-1].startswith("stage"):
+            stage = int(stages[-1][len("stage"):])
+            return 4 * 2 ** (stage - 1) * (2 if getattr(config, "downsample_in_first_stage", False) else 1)
+        return None
+
     def _image_layout(self, tokens: int, height: int, width: int) -> TokenLayout:
         """The backbone's (h, w) grid: its stride s halves the image with ceil rounding per stage,
-        so h = ceil(H / s), w = ceil(W / s) for the power of two s whose grid holds ``tokens``."""
-        grids = {(-(-height // s), -(-width // s)): s for s in (2 ** i for i in range(12))}
-        matches = [(grid, s) for grid, s in grids.items() if grid[0] * grid[1] == tokens]
-        if len(matches) != 1:  # an unusual backbone: the map stays a flat row over the tokens
-            return TokenLayout(prefix_tokens=0)
-        grid, stride = matches[0]
-        return TokenLayout(prefix_tokens=0, patch_grid=grid, patch_size=stride)
+        so h = ceil(H / s), w = ceil(W / s). The stride comes from the backbone; for a backbone
+        relfast cannot read, it is the smallest power of two whose grid holds ``tokens`` (a tiny
+        image fits several: the smallest covers it with the fewest pixels to spare)."""
+        stride = self.backbone_stride()
+        candidates = [stride] if stride else [2 ** i for i in range(12)]
+        for s in candidates:
+            grid = (-(-height // s), -(-width // s))
+            if grid[0] * grid[1] == tokens:
+                return TokenLayout(prefix_tokens=0, patch_grid=grid, patch_size=s)
+        return TokenLayout(prefix_tokens=0)  # an unusual backbone: the map stays a flat row over the tokens
 
     def plan(self, records, call):
         config = self.model.config

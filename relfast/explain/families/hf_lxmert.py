@@ -12,7 +12,7 @@ import torch
 
 from ..layout import TokenLayout
 from ..streams import CoAttention, CrossPlan, Readout, SelfAttention, Stream
-from .base import Family, ModelCall, check_batch, check_token_ids, register, text_inputs
+from .base import Family, ModelCall, check_batch, check_text, register, text_inputs
 
 _VISUAL_KEYS = ("visual_feats", "visual_pos", "visual_attention_mask")
 _KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids", *_VISUAL_KEYS})
@@ -71,8 +71,8 @@ class HFLxmert(Family):
 
     def check_values(self, call):
         super().check_values(call)
-        check_token_ids(call.kwargs["input_ids"], self.model.config.vocab_size,
-                        self.model.config.max_position_embeddings)
+        config = self.model.config
+        check_text(call.kwargs, config.vocab_size, config.max_position_embeddings, config.type_vocab_size)
 
     def scores(self, output, call):
         return output.question_answering_score

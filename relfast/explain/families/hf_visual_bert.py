@@ -10,7 +10,7 @@ VisualBERT's attention is an explicit softmax, which the capture records.
 import torch
 
 from ..layout import TokenLayout
-from .base import Family, ModelCall, check_batch, check_token_ids, register, text_inputs
+from .base import Family, ModelCall, check_batch, check_text, register, text_inputs
 
 _NAMES = frozenset({"VisualBertForQuestionAnswering", "VisualBertForVisualReasoning"})
 _VISUAL_KEYS = ("visual_embeds", "visual_attention_mask", "visual_token_type_ids")
@@ -72,7 +72,12 @@ class HFVisualBert(Family):
     def check_values(self, call):
         super().check_values(call)
         config = self.model.config
-        check_token_ids(call.kwargs["input_ids"], config.vocab_size, config.max_position_embeddings)
+        check_text(call.kwargs, config.vocab_size, config.max_position_embeddings, config.type_vocab_size)
+        lengths = call.kwargs["attention_mask"].sum(dim=1)
+        if type(self.model).__name__ == "VisualBertForQuestionAnswering" and bool((lengths < 2).any()):
+            raise ValueError("relfast.Explainer: argument 'inputs' holds a text of fewer than 2 real tokens (sample "
+                             f"{int((lengths < 2).nonzero()[0])}); VisualBERT's question-answering head reads the "
+                             "token before the last real one, so every text needs [CLS] ... [SEP]")
 
     def explained_rows(self, call, num_tokens, device):
         if type(self.model).__name__ == "VisualBertForVisualReasoning":

@@ -21,9 +21,7 @@ class AttnGradCAM(Method):
 
     @staticmethod
     def _map(run: Run, grad: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        samples = torch.arange(run.batch, device=attn.device)
-        rows = run.rows.to(attn.device)
-        grad_row, attn_row = grad[samples, :, rows], attn[samples, :, rows]  # (B, H, N)
+        grad_row, attn_row = run.gather_rows(grad), run.gather_rows(attn)  # (B, H, N)
         columns = torch.ones(grad_row.shape[0], grad_row.shape[-1], dtype=torch.bool, device=attn.device)
         columns[:, :run.layout.prefix_tokens] = False
         if run.token_mask is not None:

@@ -26,6 +26,9 @@ class Run:
     Attributes:
         records: one per attention site, in forward order; probabilities (B, H, N, N).
         rows: (B,) int64, the explained token of each sample.
+        row_weights: (B, N) or None: where the model's head reads a weighted mean of tokens
+            (timm ``global_pool="avg"``), the explained row is that mean of rows, and ``rows``
+            is unused.
         token_mask: (B, N) bool, the real tokens (None: all).
         layout: the token layout.
         scores: (B, C) what the target indexes (in the graph when gradients are on).
@@ -45,6 +48,7 @@ class Run:
     relevance_pass: Optional["RelevancePass"] = None  # methods with uses_relevance_pass: the LRP pass
     keep_graph: bool = False  # another stream's backward follows: every backward keeps the graph
     cross_plan: Optional["CrossPlan"] = None  # streams attending to each other (relfast.explain.streams)
+    row_weights: Optional[Tensor] = None
 
     def for_stream(self, stream: "Stream", keep_graph: bool) -> "Run":
         """This call as one independent stream: its sites, explained rows, mask and layout."""
@@ -117,8 +121,11 @@ class Run:
         return self.explained[:, k] if self.explained.dim() == 2 else self.explained
 
     def gather_rows(self, matrix: Tensor) -> Tensor:
-        """(B, N, M) -> (B, M): each sample's explained row."""
-        return matrix[torch.arange(matrix.shape[0], device=matrix.device), self.rows.to(matrix.device)]
+        """(B, ..., N, M) -> (B, ..., M): each sample's explained row (or weighted mean of rows)."""
+        if self.row_weights is not None:
+            return torch.einsum("bn,b...nm->b...m", self.row_weights.to(matrix), matrix)
+        samples = torch.arange(matrix.shape[0], device=matrix.device)
+        return matrix[samples, ..., self.rows.to(matrix.device), :]
 
 
 class Method:

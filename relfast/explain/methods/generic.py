@@ -50,6 +50,8 @@ class Generic(Method):
         batch = run.batch
         if self.full_matrix:
             return torch.eye(n, dtype=dtype, device=device).repeat(batch, 1, 1)
+        if run.row_weights is not None:  # the head reads a mean of tokens: the mean of their rows
+            return run.row_weights.to(device=device, dtype=dtype)[:, None, :].clone()
         rows = torch.zeros(batch, 1, n, dtype=dtype, device=device)
         rows[torch.arange(batch, device=device), 0, run.rows.to(device)] = 1
         return rows
