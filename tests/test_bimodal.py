@@ -466,3 +466,31 @@ def test_model_untouched_after_the_rules_fail_midway(name, monkeypatch):
             explainer(inputs, target=target)
     assert model_state(model) == before
     torch.testing.assert_close(explainer(inputs, target=target).maps["image"], expected.maps["image"])
+
+
+@pytest.mark.parametrize("backbone", ["hf-resnet", "timm-resnet50"])
+def test_detr_stride_is_read_from_the_backbone_also_for_a_one_position_grid(backbone):
+    """A tiny image gives a 1x1 feature grid, which every stride >= the image fits: the upsampled
+    map must span the backbone's stride (8 for the test backbone, 32 for ResNet-50), not the
+    largest power of two that fits."""
+    if backbone == "hf-resnet":
+        model, stride = models.detr(), 8
+    else:
+        config = transformers.DetrConfig(use_timm_backbone=True, backbone="resnet50", use_pretrained_backbone=False,
+                                         d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                                         decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                         num_queries=3, num_labels=2)
+        torch.manual_seed(0)
+        model, stride = transformers.DetrForObjectDetection(config).double().eval(), 32
+    out = relfast.Explainer(model)(torch.randn(1, 3, stride, stride, dtype=torch.float64))
+    assert out.layouts["image"].patch_grid == (1, 1)
+    assert tuple(out.image_map(upsample=True).shape) == (1, stride, stride)
+    wide = relfast.Explainer(model)(torch.randn(1, 3, 2 * stride, 3 * stride, dtype=torch.float64))
+    assert wide.layouts["image"].patch_grid == (2, 3)
+
+
+@pytest.mark.parametrize("target,texts", [(None, [0, 1]), ([1, 0], [1, 0]), ("all", [0, 1, 0, 1])])
+def test_clip_target_is_the_text_index_of_each_pair(target, texts):
+    out = relfast.Explainer(models.clip())(models.clip_inputs(2, 2, 0), target=target)
+    assert out.target.tolist() == texts
+    assert out.target.tolist() == out.pairs[:, 1].tolist()

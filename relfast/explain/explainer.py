@@ -27,7 +27,8 @@ class Explanation:
     Attributes:
         logits: (B, C) the scores the target indexes: class logits; a causal LM's next-token
             logits at the explained position; a headless encoder's token embeddings (B, N, D).
-        target: (B,) or (B, K) classes explained (None for a callable target).
+        target: (B,) or (B, K) classes explained (None for a callable target); DETR: the queries;
+            CLIP: (P,) the text index of each explained pair (its image index is ``pairs[:, 0]``).
         relevance: float32, the explained token's row of R over all N input tokens: (B, N), or
             (B, K, N) for K targets per sample; with ``full_matrix=True`` all rows, (B, N, N).
             VisualBERT: the row over text and regions together. Models with separate streams

@@ -28,7 +28,8 @@ class SessionResult:
 
     Attributes:
         scores: (B, C) what the target indexed, detached.
-        explained: (B,) / (B, K) explained classes, or None (callable target).
+        explained: (B,) / (B, K) explained classes, or None (callable target); CLIP: (P,) the text
+            index of each explained pair.
         relevance: float32, the explained rows (one-stream models), or the first map.
         maps: float32 relevance per token stream ("image", "text", "queries").
         layouts: the token layout of each map.
@@ -104,6 +105,8 @@ class Session:
         if not self.traced and not all(bool(torch.isfinite(m).all()) for m in maps.values()):
             raise _relevance_overflow()
         kept = _detached(output) if self.family.keeps_output else None
+        if call.pairs is not None:  # CLIP: each row's scores are its pair's one similarity; say which text it is
+            explained = call.pairs[:, 1]
         return SessionResult(scores.detach(), explained, next(iter(maps.values())), maps, layouts, kept, call.pairs)
 
     def _relevance(self, run: Run, plan, call: ModelCall):
