@@ -83,3 +83,15 @@ def test_bad_arguments_are_named(case):
     call, words = BAD[case]
     with pytest.raises(ValueError, match="relfast.eval.detr_masks: .*" + words):
         call()
+
+
+def test_numpy_and_tensor_thresholds_and_sizes_are_numbers():
+    import numpy as np
+
+    relevance = torch.stack([blob_map((0, 3), (0, 3)), blob_map((4, 8), (4, 8))])
+    logits = torch.tensor([CONFIDENT, [0.0, 1.0, 0.0]])  # the second query's best class: p ~ 0.58
+    plain = detr_masks(relevance, logits, (8, 8), (16, 16), threshold=0.6)
+    assert plain[0].any() and not plain[1].any()
+    for threshold in (np.float32(0.6), torch.tensor(0.6)):
+        assert torch.equal(detr_masks(relevance, logits, (np.int64(8), 8), (16, np.int32(16)), threshold=threshold),
+                           plain)

@@ -170,3 +170,96 @@ def test_bad_arguments_are_named(shapes, call, words):
     images, labels, _ = shapes
     with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         call(relfast.Explainer(relfast.models.default_model()), images, labels)
+
+
+def test_left_padded_text_keeps_its_first_and_last_real_tokens():
+    """With left padding [CLS] is not at position 0: it, [SEP] and the padding are never ranked."""
+    from relfast.eval.perturbation import _scores
+
+    batch = {"input_ids": torch.tensor([[0, 0, 101, 5, 6, 102], [101, 7, 8, 9, 102, 0]]),
+             "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])}
+    out = relfast.Explanation(torch.zeros(2, 2), None, torch.rand(2, 6), relfast.TokenLayout())
+    _, rankable = _scores(out, batch, relfast.TokenLayout(), images=False)
+    assert rankable.tolist() == [[False, False, False, True, True, False], [False, True, True, True, False, False]]
+
+
+def _tiny_bert():
+    import transformers
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def test_numpy_integers_are_taken_as_ints():
+    explainer = relfast.Explainer(_tiny_bert())
+    ids = torch.randint(5, 50, (5, 8), generator=torch.Generator().manual_seed(3))
+    ids[:, 0], ids[:, -1] = 1, 2
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    plain = perturbation(explainer, inputs, labels, steps=4, batch_size=2, mask_token_id=3, progress=False)
+    numpy = perturbation(explainer, inputs, labels, steps=np.int64(4), batch_size=np.int32(2),
+                         mask_token_id=np.int64(3), progress=False)
+    assert numpy.fractions.tolist() == [0, 0.25, 0.5, 0.75]
+    assert np.array_equal(plain.accuracy, numpy.accuracy) and plain.auc == numpy.auc
+
+
+class _Recording:
+    """A callable explainer (no relfast family) that records the targets it is asked for and
+    returns a fixed relevance per sentence."""
+
+    def __init__(self, relevance):
+        self.relevance, self.targets, self.seen = relevance, [], 0
+
+    def __call__(self, batch, target=None):
+        count = batch["input_ids"].shape[0]
+        self.targets.append(target)
+        relevance = self.relevance[self.seen:self.seen + count]
+        self.seen += count
+        return relfast.Explanation(torch.zeros(count, 2), None, relevance, relfast.TokenLayout())
+
+
+def test_rationale_ap_explains_the_labels_batch_by_batch_and_skips_unscorable_sentences():
+    from relfast.eval import rationale_ap
+
+    ids = torch.tensor([[101, 5, 6, 7, 102], [101, 8, 9, 10, 102], [101, 11, 12, 13, 102]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    rationale = torch.tensor([[0, 1, 0, 0, 0], [0, 1, 1, 1, 0], [0, 0, 0, 1, 0]])  # 0/1 ints; sentence 2: all words
+    relevance = torch.tensor([[0, 0.9, 0.1, 0.2, 0], [0, 0.1, 0.2, 0.3, 0], [0, 0.5, 0.9, 0.1, 0]])
+    recording = _Recording(relevance)
+    labels = torch.tensor([2, 0, 1])
+    # sentence 1: its rationale ranks 1st of 3 (AP 1); sentence 3: 3rd of 3 (AP 1/3); sentence 2 is not scored
+    assert rationale_ap(recording, inputs, rationale, target="label", labels=labels, batch_size=2,
+                        progress=False) == pytest.approx((1 + 1 / 3) / 2)
+    assert [t.tolist() for t in recording.targets] == [[2, 0], [1]]
+
+
+def test_reference_targets_as_list_int_or_tensor_agree():
+    from engine_models import build
+    from relfast.eval.references import Occlusion
+
+    explainer = relfast.Explainer(build("hf-vit"))
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    occlusion = Occlusion(explainer)
+    as_tensor = occlusion(images, target=torch.tensor([1, 1])).relevance
+    torch.testing.assert_close(occlusion(images, target=[1, 1]).relevance, as_tensor)
+    torch.testing.assert_close(occlusion(images, target=1).relevance, as_tensor)
+    torch.testing.assert_close(occlusion(images, target=np.int64(1)).relevance, as_tensor)
+
+
+def test_segmentation_of_the_predicted_labels_equals_target_predicted(shapes):
+    images, _, masks = shapes
+    explainer = relfast.Explainer(relfast.models.default_model())
+    with torch.no_grad():
+        predicted = explainer.model(relfast.data.normalize(images)).logits.argmax(-1)
+    run = dict(preprocess=relfast.data.normalize, batch_size=16, progress=False)
+    assert segmentation(explainer, images, masks, target="label", labels=predicted, **run) == \
+        segmentation(explainer, images, masks, **run)
+
+
+def test_segmentation_totals_take_0_1_masks_as_bool():
+    maps, mask = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(0)), torch.rand(2, 4, 4) > 0.5
+    as_bool, as_int = SegmentationTotals(), SegmentationTotals()
+    as_bool.add(maps, mask)
+    as_int.add(maps, mask.long())
+    assert as_bool.scores() == as_int.scores()

@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import checks
+
 
 def _size(value, name: str) -> Tuple[int, int]:
     if (not isinstance(value, (tuple, list, torch.Size)) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+            or not all(checks.is_int(v) and v > 0 for v in value)):
         raise ValueError(f"relfast.eval.detr_masks: argument '{name}' must be (height, width), two positive ints, "
                          f"got {value!r}")
     return int(value[0]), int(value[1])
@@ -64,11 +66,19 @@ def detr_masks(relevance: Tensor, logits: Tensor, mask_size: Sequence[int], imag
         raise ValueError(f"{where}: argument 'logits' must be (B, Q, C + 1) with the (B, Q) of 'relevance' "
                          f"{tuple(relevance.shape[:2])} and at least one real class plus 'no object', got "
                          f"{getattr(logits, 'shape', type(logits).__name__)}")
+    if 0 in relevance.shape:  # no image, no query or an empty grid: nothing to segment
+        raise ValueError(f"{where}: argument 'relevance' is empty (shape {tuple(relevance.shape)}); it needs at least "
+                         "one image, one query and a non-empty grid")
+    if logits.dtype == torch.bool or logits.is_complex():
+        raise ValueError(f"{where}: argument 'logits' must hold real class logits, got {logits.dtype}")
     if not bool(torch.isfinite(relevance).all()) or not bool(torch.isfinite(logits).all()):
         raise ValueError(f"{where}: arguments 'relevance' and 'logits' must be finite")
     mask_size, image_size = _size(mask_size, "mask_size"), _size(image_size, "image_size")
-    if not 0 <= float(threshold) < 1:
+    if isinstance(threshold, Tensor) and threshold.numel() == 1 and threshold.dtype.is_floating_point:
+        threshold = threshold.item()
+    if not 0 <= checks.real_number(threshold, "threshold", where) < 1:
         raise ValueError(f"{where}: argument 'threshold' must lie in [0, 1), got {threshold!r}")
+    threshold = float(threshold)
 
     batch, queries = relevance.shape[:2]
     keep = logits.detach().float().softmax(dim=-1)[..., :-1].amax(dim=-1) > threshold  # (B, Q)

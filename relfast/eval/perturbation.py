@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import checks
+
 Data = Union[Tensor, Dict[str, Tensor]]
 
 
@@ -38,18 +40,37 @@ class PerturbationCurve:
 
 def area_under_curve(fractions: Sequence[float], accuracy: Sequence[float]) -> float:
     """[P1]'s AUC: the trapezoid of accuracy over the fractions removed, x100."""
-    x, y = np.asarray(fractions, dtype=np.float64), np.asarray(accuracy, dtype=np.float64)
+    where = "relfast.eval.area_under_curve"
+    try:
+        x, y = np.asarray(fractions, dtype=np.float64), np.asarray(accuracy, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: arguments 'fractions' and 'accuracy' must be sequences of numbers") from None
     if x.shape != y.shape or x.ndim != 1 or x.size < 2:
-        raise ValueError(f"relfast.eval: 'fractions' and 'accuracy' must be 1-D of the same length >= 2, got "
+        raise ValueError(f"{where}: 'fractions' and 'accuracy' must be 1-D of the same length >= 2, got "
                          f"{x.shape} and {y.shape}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError(f"{where}: 'fractions' and 'accuracy' must be finite")
+    if (x < 0).any() or (x > 1).any() or (np.diff(x) <= 0).any():
+        raise ValueError(f"{where}: argument 'fractions' must increase within [0, 1], got {x.tolist()}")
+    if (y < 0).any() or (y > 1).any():  # percentages would be scaled by 100 twice
+        raise ValueError(f"{where}: argument 'accuracy' must hold shares in [0, 1] (not percentages), got "
+                         f"{y.tolist()}")
     return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2) * 100)
 
 
-def _fractions(steps: int) -> np.ndarray:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ValueError(f"relfast.eval.perturbation: argument 'steps' must be an int >= 2 (fractions 0, 1/steps, ...), "
-                         f"got {steps!r}")
-    return np.arange(steps) / steps
+def _fractions(steps: int, where: str = "relfast.eval.perturbation") -> np.ndarray:
+    if not checks.is_int(steps) or steps < 2:
+        raise ValueError(f"{where}: argument 'steps' must be an int >= 2 (fractions 0, 1/steps, ...), got {steps!r}")
+    return np.arange(int(steps)) / int(steps)
+
+
+def _direction(positive, where: str, both: bool) -> Union[bool, str]:
+    if isinstance(positive, (bool, np.bool_)):
+        return bool(positive)
+    if both and isinstance(positive, str) and positive == "both":
+        return positive
+    allowed = "True, False or 'both'" if both else "True or False"
+    raise ValueError(f"{where}: argument 'positive' must be {allowed}, got {positive!r}")
 
 
 def removal_ranks(scores: Tensor, rankable: Tensor, positive: bool) -> Tensor:
@@ -106,11 +127,36 @@ def perturbation_curve(predict: Callable[[Data], Tensor], data: Data, labels: Te
         scores: (B, M) relevance per removable item (patches, tokens). rankable: (B, M) bool.
         remove: (data, removed (B, M) bool) -> perturbed data.
     """
+    where = "relfast.eval.perturbation_curve"
+    for name, value in (("predict", predict), ("remove", remove)):
+        if not callable(value):
+            raise ValueError(f"{where}: argument '{name}' must be a callable, got {type(value).__name__}")
+    if not isinstance(scores, Tensor) or scores.dim() != 2 or not scores.dtype.is_floating_point:
+        raise ValueError(f"{where}: argument 'scores' must be a float tensor (B, M), got "
+                         f"{getattr(scores, 'shape', type(scores).__name__)}")
+    checks.not_empty(scores.shape[0], "scores", where)
+    if not isinstance(rankable, Tensor) or rankable.dtype != torch.bool or rankable.shape != scores.shape:
+        raise ValueError(f"{where}: argument 'rankable' must be a bool tensor of the shape of 'scores' "
+                         f"{tuple(scores.shape)}, got {getattr(rankable, 'dtype', type(rankable).__name__)} "
+                         f"{tuple(getattr(rankable, 'shape', ()))}")
+    if not isinstance(labels, Tensor) or tuple(labels.shape) != (scores.shape[0],):
+        raise ValueError(f"{where}: argument 'labels' must be a tensor of shape ({scores.shape[0]},), got "
+                         f"{getattr(labels, 'shape', type(labels).__name__)}")
+    return _curve(predict, data, labels, scores, rankable, remove, _direction(positive, where, both=False),
+                  _fractions(steps, where), where)
+
+
+def _curve(predict, data, labels, scores, rankable, remove, positive: bool, fractions, where: str) -> np.ndarray:
+    if not bool(torch.isfinite(scores[rankable]).all()):  # NaN would sort anywhere: an arbitrary order
+        raise ValueError(f"{where}: the relevance scores hold NaN or infinite values; no removal order follows")
     ranks = removal_ranks(scores, rankable, positive)
     correct = []
-    for fraction in _fractions(steps):
-        perturbed = remove(data, removed_at(ranks, rankable, fraction))
-        correct.append(int((predict(perturbed).to(labels.device) == labels).sum()))
+    for fraction in fractions:
+        predicted = predict(remove(data, removed_at(ranks, rankable, fraction)))
+        if not isinstance(predicted, Tensor) or tuple(predicted.shape) != tuple(labels.shape):
+            raise ValueError(f"{where}: 'predict' must return one class per sample {tuple(labels.shape)}, got "
+                             f"{getattr(predicted, 'shape', type(predicted).__name__)}")
+        correct.append(int((predicted.to(labels.device) == labels).sum()))
     return np.asarray(correct, dtype=np.float64)
 
 
@@ -121,13 +167,16 @@ def perturbation(explainer, data: Data, labels: Tensor, *, positive: Union[bool,
     """[P1]'s perturbation test of ``explainer`` on a data set.
 
     Args:
-        explainer: a ``relfast.Explainer`` (any method) of an image or text classifier.
+        explainer: a ``relfast.Explainer`` (any method) of an image or text classifier, or a
+            reference of ``relfast.eval.references``. Causal LMs, CLIP, DETR, LXMERT, VisualBERT
+            and models without a head are refused: the test measures a classifier's accuracy.
         data: images (N, C, H, W) in [0, 1] (the model gets ``preprocess(images)``), or a
             tokenizer's dict of (N, L) tensors.
         labels: (N,) the true classes; accuracy counts predictions equal to them.
         positive: remove the most relevant first (else the least); "both": the two curves
             (positive, negative) from one explanation per batch.
         steps: the fractions 0, 1/steps, ..., (steps-1)/steps ([P1]: 10).
+        preprocess: images only: the model's normalisation.
         target: "predicted" (explain each sample's predicted class, [P1]) or "label".
         mask_token_id: text: replace removed tokens by it (e.g. ``tokenizer.mask_token_id``);
             None deletes them. pad_token_id: the padding deletion leaves at the end.
@@ -136,54 +185,101 @@ def perturbation(explainer, data: Data, labels: Tensor, *, positive: Union[bool,
     from tqdm import tqdm
 
     where = "relfast.eval.perturbation"
+    family = checks.classifier(explainer, where)
     fractions = _fractions(steps)
-    if positive not in (True, False, "both"):
-        raise ValueError(f"{where}: argument 'positive' must be True, False or 'both', got {positive!r}")
-    directions = (True, False) if positive == "both" else (bool(positive),)
-    if target not in ("predicted", "label"):
-        raise ValueError(f"{where}: argument 'target' must be 'predicted' or 'label', got {target!r}")
+    positive = _direction(positive, where, both=True)
+    directions = (True, False) if positive == "both" else (positive,)
+    target = checks.choice(target, "target", where, ("predicted", "label"))
+    preprocess = checks.optional_callable(preprocess, "preprocess", where)
+    batch_size = checks.positive_int(batch_size, "batch_size", where)
+    progress = checks.flag(progress, "progress", where)
+    layout = explainer.layout
     images = isinstance(data, Tensor)
-    if not images and not (isinstance(data, dict) and "input_ids" in data):
+    if not images and not (hasattr(data, "keys") and "input_ids" in data):
         raise ValueError(f"{where}: argument 'data' must be images (N, C, H, W) in [0, 1] or a tokenizer's dict "
                          f"with 'input_ids', got {type(data).__name__}")
-    count = data.shape[0] if images else data["input_ids"].shape[0]
-    if not isinstance(labels, Tensor) or labels.shape != (count,):
-        raise ValueError(f"{where}: argument 'labels' must be a tensor of shape ({count},), got "
-                         f"{getattr(labels, 'shape', type(labels).__name__)}")
-    if images and (data.dim() != 4 or float(data.min()) < 0 or float(data.max()) > 1):
-        raise ValueError(f"{where}: images must be (N, C, H, W) with values in [0, 1] (the model's normalisation "
-                         "goes in 'preprocess')")
+    if images != layout.is_vision:
+        raise ValueError(f"{where}: argument 'data' must be {'images' if layout.is_vision else 'a tokenizer dict'} "
+                         f"for the explainer's {'image' if layout.is_vision else 'text'} model, got "
+                         f"{'images' if images else 'token inputs'}")
+    if images and layout.patch_size is None:
+        raise ValueError(f"{where}: the explainer's model has no patch size (its layout's 'patch_size'); patch "
+                         "removal needs it")
+    if images:
+        count = _check_images(data, layout, where)
+        if mask_token_id is not None:
+            raise ValueError(f"{where}: argument 'mask_token_id' applies to text; images lose whole patches (set to 0)")
+    else:
+        data = dict(data)
+        ids = data["input_ids"]
+        if not isinstance(ids, Tensor) or ids.dim() != 2:
+            raise ValueError(f"{where}: argument 'data' ('input_ids') must be a tensor (N, L), got "
+                             f"{getattr(ids, 'shape', type(ids).__name__)}")
+        count = ids.shape[0]
+        checks.not_empty(count, "data", where)
+        if preprocess is not None:  # silently unused otherwise
+            raise ValueError(f"{where}: argument 'preprocess' applies to images; token inputs go to the model as given")
+        vocab = family.vocab_size()
+        if mask_token_id is not None:
+            checks.token_id(mask_token_id, "mask_token_id", where, vocab)
+        checks.token_id(pad_token_id, "pad_token_id", where, vocab)
+    labels = checks.class_labels(labels, count, where, family.num_classes())
     preprocess = preprocess or (lambda x: x)
-    layout = explainer.layout
-    if images and (layout.patch_grid is None or layout.patch_size is None):
-        raise ValueError(f"{where}: the explainer's model has no patch grid and size; patch removal needs them")
 
     def model_inputs(batch: Data) -> Data:
         return preprocess(batch) if images else batch
 
-    def predict(batch: Data) -> Tensor:
-        return explainer.family.plain_scores(model_inputs(batch)).argmax(dim=-1)
+    def batch_at(start: int) -> Data:
+        return data[start:start + batch_size] if images else {k: v[start:start + batch_size] for k, v in data.items()}
 
-    def remove(batch: Data, removed: Tensor) -> Data:
+    starts = range(0, count, batch_size)
+    if images:  # the model's own checks (shape, channels, values), before any forward
+        for start in starts:
+            checks.model_inputs(family, model_inputs(batch_at(start)), "data", where)
+    else:
+        checks.model_inputs(family, data, "data", where)
+
+    def predict(batch: Data) -> Tensor:
+        return family.plain_scores(model_inputs(batch)).argmax(dim=-1)
+
+    def remove(batch: Data, removed: Tensor) -> Data:  # the map may live where the model does, not the data
         if images:
-            return remove_patches(batch, removed, layout.patch_grid, layout.patch_size)
-        return remove_tokens(batch, removed, mask_token_id, pad_token_id)
+            return remove_patches(batch, removed.to(batch.device), layout.patch_grid, layout.patch_size)
+        return remove_tokens(batch, removed.to(batch["input_ids"].device), mask_token_id, pad_token_id)
 
     correct = {direction: np.zeros(len(fractions)) for direction in directions}
-    starts = range(0, count, batch_size)
     label = "both" if positive == "both" else ("positive" if positive else "negative")
     for start in tqdm(starts, desc=f"perturbation ({label})", unit="batch", disable=not progress):
-        batch = data[start:start + batch_size] if images else {k: v[start:start + batch_size] for k, v in data.items()}
+        batch = batch_at(start)
         batch_labels = labels[start:start + batch_size]
         explained = predict(batch) if target == "predicted" else batch_labels
         out = explainer(model_inputs(batch), target=explained)
         scores, rankable = _scores(out, batch, layout, images)
         for direction in directions:
-            correct[direction] += perturbation_curve(predict, batch, batch_labels, scores, rankable, remove,
-                                                     positive=direction, steps=steps)
+            correct[direction] += _curve(predict, batch, batch_labels, scores, rankable, remove, direction, fractions,
+                                         where)
     curves = tuple(PerturbationCurve(fractions, correct[d] / count, area_under_curve(fractions, correct[d] / count), d)
                    for d in directions)
     return curves if positive == "both" else curves[0]
+
+
+def _check_images(images: Tensor, layout, where: str) -> int:
+    """The count of an image batch (N, C, H, W) in [0, 1] that the patch grid covers."""
+    if images.dim() != 4 or not images.dtype.is_floating_point:
+        raise ValueError(f"{where}: argument 'data' must be float images (N, C, H, W) in [0, 1], got {images.dtype} "
+                         f"{tuple(images.shape)}")
+    checks.not_empty(images.shape[0], "data", where)
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError(f"{where}: argument 'data' holds NaN or infinite pixel values")
+    if float(images.min()) < 0 or float(images.max()) > 1:
+        raise ValueError(f"{where}: argument 'data' must hold images (N, C, H, W) with values in [0, 1] (the model's "
+                         "normalisation goes in 'preprocess')")
+    covered = tuple(g * p for g, p in zip(layout.patch_grid, layout.patch_size))
+    if images.shape[2] < covered[0] or images.shape[3] < covered[1]:
+        raise ValueError(f"{where}: argument 'data' holds images of {tuple(images.shape[2:])} pixels, smaller than "
+                         f"the model's patch grid "
+                         f"{layout.patch_grid} of {layout.patch_size}-pixel patches {covered}")
+    return images.shape[0]
 
 
 def _scores(out, batch: Data, layout, images: bool):
@@ -200,6 +296,7 @@ def _scores(out, batch: Data, layout, images: bool):
     ids = batch["input_ids"]
     real = batch.get("attention_mask", torch.ones_like(ids)).bool()
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    first = torch.where(real, positions, ids.shape[1]).amin(dim=1, keepdim=True)  # left padding: [CLS] is not at 0
     last = torch.where(real, positions, -1).amax(dim=1, keepdim=True)
-    rankable = real & (positions > 0) & (positions < last)
+    rankable = real & (positions > first) & (positions < last)
     return scores, rankable.to(scores.device)

@@ -2,33 +2,81 @@
 Per sentence, scikit-learn's average precision of the relevance of its real tokens ([CLS],
 [SEP] and padding left out) against the rationale; the mean over sentences (the text analogue of
 the segmentation test's mAP)."""
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from . import checks
+
 
 def rationale_ap(explainer, inputs: Dict[str, Tensor], rationale: Tensor, *, target: str = "predicted",
-                 labels: Tensor = None, batch_size: int = 64, progress: bool = True) -> float:
+                 labels: Optional[Tensor] = None, batch_size: int = 64, progress: bool = True) -> float:
     """Mean average precision of ``explainer``'s token relevance against ``rationale`` (N, L) bool,
-    over the sentences whose rationale is neither empty nor everything."""
+    over the sentences whose rationale is neither empty nor everything (at least one must be).
+
+    Args:
+        explainer: a ``relfast.Explainer`` of a text classifier (or a reference); any callable
+            ``(inputs, target=None) -> Explanation`` with relevance (B, L) is taken as it is.
+        inputs: a tokenizer's dict of (N, L) tensors, [CLS] first and [SEP] last.
+        target: "predicted" (explain the predicted class) or "label" (``labels``, (N,)).
+    """
     from sklearn.metrics import average_precision_score
     from tqdm import tqdm
 
+    where = "relfast.eval.rationale_ap"
+    family = None
+    if hasattr(explainer, "family"):
+        family = checks.classifier(explainer, where, "text")
+    elif not callable(explainer):
+        raise ValueError(f"{where}: argument 'explainer' must be a relfast.Explainer, got {type(explainer).__name__}")
+    if not hasattr(inputs, "keys") or "input_ids" not in inputs:
+        raise ValueError(f"{where}: argument 'inputs' must be a tokenizer's dict with 'input_ids', got "
+                         f"{type(inputs).__name__}")
+    inputs = dict(inputs)
     ids = inputs["input_ids"]
-    if tuple(rationale.shape) != tuple(ids.shape):
-        raise ValueError(f"relfast.eval.rationale_ap: argument 'rationale' must have the shape of input_ids "
-                         f"{tuple(ids.shape)}, got {tuple(rationale.shape)}")
+    if not isinstance(ids, Tensor) or ids.dim() != 2:
+        raise ValueError(f"{where}: argument 'inputs' ('input_ids') must be a tensor (N, L), got "
+                         f"{getattr(ids, 'shape', type(ids).__name__)}")
+    count = ids.shape[0]
+    checks.not_empty(count, "inputs", where)
+    rationale = checks.binary(rationale, "rationale", where, ids.shape).cpu()
+    target = checks.choice(target, "target", where, ("predicted", "label"))
+    num_classes = family.num_classes() if family is not None else None
+    if target == "label":
+        labels = checks.class_labels(labels, count, where, num_classes)
+    elif labels is not None:  # they would be ignored
+        raise ValueError(f"{where}: argument 'labels' is used with target='label' only; pass target='label' to "
+                         "explain them, or leave 'labels' out")
+    batch_size = checks.positive_int(batch_size, "batch_size", where)
+    progress = checks.flag(progress, "progress", where)
+    if family is not None:
+        checks.model_inputs(family, inputs, "inputs", where)
+    real = inputs.get("attention_mask", torch.ones_like(ids))
+    if not isinstance(real, Tensor) or real.shape != ids.shape:
+        raise ValueError(f"{where}: argument 'inputs' ('attention_mask') must have the shape of input_ids "
+                         f"{tuple(ids.shape)}")
+    real = real.bool().cpu()
+    words = [real[b].nonzero().view(-1)[1:-1] for b in range(count)]  # without [CLS] and [SEP]
+    scored = [bool(rationale[b, words[b]].any()) and not bool(rationale[b, words[b]].all()) for b in range(count)]
+    if not any(scored):  # a mean over no sentences is NaN, not a score
+        raise ValueError(f"{where}: argument 'rationale' marks, in no sentence, some but not all of its words "
+                         "([CLS], [SEP] and padding left out); average precision needs both")
     precisions = []
-    for start in tqdm(range(0, ids.shape[0], batch_size), desc="rationales", unit="batch", disable=not progress):
+    for start in tqdm(range(0, count, batch_size), desc="rationales", unit="batch", disable=not progress):
         batch = {k: v[start:start + batch_size] for k, v in inputs.items()}
         explained = None if target == "predicted" else labels[start:start + batch_size]
-        relevance = explainer(batch, target=explained).relevance.detach().double()
-        real = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+        relevance = explainer(batch, target=explained).relevance
+        if not isinstance(relevance, Tensor) or tuple(relevance.shape) != tuple(batch["input_ids"].shape):
+            raise ValueError(f"{where}: the explainer's relevance must be (B, L) {tuple(batch['input_ids'].shape)}, "
+                             f"one value per token, got {getattr(relevance, 'shape', type(relevance).__name__)}")
+        relevance = relevance.detach().double().cpu()
+        if not bool(torch.isfinite(relevance).all()):
+            raise ValueError(f"{where}: the explainer's relevance holds NaN or infinite values")
         for b in range(relevance.shape[0]):
-            positions = real[b].nonzero().view(-1)[1:-1]  # without [CLS] and [SEP]
-            truth = rationale[start + b, positions].numpy()
-            if truth.any() and not truth.all():
-                precisions.append(average_precision_score(truth, relevance[b, positions].numpy()))
-    return float(np.mean(precisions)) if precisions else float("nan")
+            if scored[start + b]:
+                positions = words[start + b]
+                precisions.append(average_precision_score(rationale[start + b, positions].numpy(),
+                                                          relevance[b, positions].numpy()))
+    return float(np.mean(precisions))

@@ -7,10 +7,12 @@ Both wrap a ``relfast.Explainer`` for its model, family and layout, and are call
 """
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..explain.explainer import Explainer, Explanation
+from . import checks
 
 
 class _Reference:
@@ -20,8 +22,18 @@ class _Reference:
         if not isinstance(explainer, Explainer):
             raise ValueError(f"relfast.eval.{type(self).__name__}: argument 'explainer' must be a relfast.Explainer, "
                              f"got {type(explainer).__name__}")
+        checks.classifier(explainer, f"relfast.eval.{type(self).__name__}")  # plain class scores, one stream
         self.explainer, self.family, self.layout, self.model = explainer, explainer.family, explainer.layout, \
             explainer.model
+
+    @property
+    def _where(self) -> str:
+        return f"relfast.eval.{type(self).__name__}"
+
+    def _check_inputs(self, inputs) -> int:
+        """The model's own checks of ``inputs`` before any forward; the batch size."""
+        checks.model_inputs(self.family, inputs, "inputs", self._where)
+        return self.family.parse(inputs).batch
 
     def _scores(self, inputs) -> Tensor:
         return self.family.plain_scores(inputs)
@@ -29,12 +41,34 @@ class _Reference:
     def _explanation(self, scores: Tensor, target: Tensor, relevance: Tensor) -> Explanation:
         return Explanation(scores, target, relevance.float(), self.layout)
 
-    @staticmethod
-    def _classes(scores: Tensor, target) -> Tensor:
+    def _target(self, target, batch: int) -> Optional[Tensor]:
+        """None, a class, or one class per sample (B,), in the model's classes: checked before any work."""
         if target is None:
-            return scores.argmax(dim=-1)
-        target = torch.as_tensor(target, device=scores.device)
-        return target.expand(scores.shape[0]).clone() if target.dim() == 0 else target
+            return None
+        if checks.is_int(target):
+            target = torch.tensor([int(target)] * batch)
+        elif isinstance(target, (list, tuple, np.ndarray)):
+            try:
+                array = np.asarray(target)
+            except ValueError:  # ragged lists
+                array = None
+            if array is not None and array.dtype.kind in "iu":
+                target = torch.from_numpy(array.astype(np.int64))
+        if not isinstance(target, Tensor) or target.dtype.is_floating_point or target.dtype == torch.bool \
+                or target.is_complex() or tuple(target.shape) not in ((), (batch,)):
+            raise ValueError(f"{self._where}: argument 'target' must be None, a class index, or one class index per "
+                             f"sample ({batch},), got {getattr(target, 'shape', type(target).__name__)}")
+        target = target.reshape(-1).expand(batch).clone() if target.dim() == 0 else target
+        classes = self.family.num_classes()
+        low, high = int(target.min()), int(target.max())
+        if low < 0 or (classes is not None and high >= classes):
+            raise ValueError(f"{self._where}: argument 'target' holds class {low if low < 0 else high}, outside the "
+                             f"model's classes [0, {classes})")
+        return target
+
+    @staticmethod
+    def _classes(scores: Tensor, target: Optional[Tensor]) -> Tensor:
+        return scores.argmax(dim=-1) if target is None else target.to(scores.device)
 
 
 class RandomMap(_Reference):
@@ -45,9 +79,12 @@ class RandomMap(_Reference):
 
     def __init__(self, explainer: Explainer, seed: int = 0):
         super().__init__(explainer)
-        self.seed = seed
+        if not checks.is_int(seed) or seed < 0:
+            raise ValueError(f"relfast.eval.RandomMap: argument 'seed' must be an int >= 0, got {seed!r}")
+        self.seed = int(seed)
 
     def __call__(self, inputs, target=None) -> Explanation:
+        target = self._target(target, self._check_inputs(inputs))
         scores = self._scores(inputs)
         call = self.family.parse(inputs)
         first = next(v for v in list(call.kwargs.values()) + list(call.args) if isinstance(v, Tensor))
@@ -75,9 +112,31 @@ class Occlusion(_Reference):
     def __init__(self, explainer: Explainer, baseline: Optional[Tensor] = None, mask_token_id: Optional[int] = None,
                  pad_token_id: int = 0):
         super().__init__(explainer)
+        where = "relfast.eval.Occlusion"
+        if self.layout.is_vision:
+            if mask_token_id is not None:
+                raise ValueError(f"{where}: argument 'mask_token_id' applies to text models; an image model's patches "
+                                 "are set to 'baseline'")
+            channels = _channels(self.family)
+            if baseline is not None and (not isinstance(baseline, Tensor) or not baseline.dtype.is_floating_point
+                                         or baseline.dim() > 1
+                                         or (baseline.dim() == 1 and baseline.shape[0] != (channels or len(baseline)))
+                                         or not bool(torch.isfinite(baseline).all())):
+                raise ValueError(f"{where}: argument 'baseline' must be None or a finite float tensor of shape () or "
+                                 f"({channels or 'channels'},) (one model-input value per channel), got "
+                                 f"{getattr(baseline, 'shape', type(baseline).__name__)}")
+        else:
+            if baseline is not None:
+                raise ValueError(f"{where}: argument 'baseline' applies to image models; a text model's tokens are "
+                                 "replaced by 'mask_token_id' or padding")
+            vocab = self.family.vocab_size()
+            if mask_token_id is not None:
+                checks.token_id(mask_token_id, "mask_token_id", where, vocab)
+            checks.token_id(pad_token_id, "pad_token_id", where, vocab)
         self.baseline, self.mask_token_id, self.pad_token_id = baseline, mask_token_id, pad_token_id
 
     def __call__(self, inputs, target=None) -> Explanation:
+        target = self._target(target, self._check_inputs(inputs))
         scores = self._scores(inputs)
         classes = self._classes(scores, target)
         explained = scores.gather(1, classes.view(-1, 1))[:, 0]
@@ -122,3 +181,18 @@ class Occlusion(_Reference):
             drop = explained - self._logit(occluded, classes)
             relevance[:, position] = torch.where(real, drop, torch.zeros_like(drop)).float()
         return relevance
+
+
+def _channels(family) -> Optional[int]:
+    """The image channels the model takes (None: not known before a call)."""
+    model = family.model
+    config = getattr(model, "config", None)
+    if getattr(config, "num_channels", None) is not None:
+        return config.num_channels
+    for name in ("patch_embed.proj", "conv_proj"):  # timm, torchvision
+        module = model
+        for part in name.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, torch.nn.Conv2d):
+            return module.in_channels
+    return None

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import checks
+
 
 @dataclass
 class SegmentationScores:
@@ -39,7 +41,14 @@ class SegmentationTotals:
         """maps: (B, H, W) in [0, 1]; masks: (B, H, W) bool, the object."""
         from sklearn.metrics import average_precision_score
 
-        maps, masks = maps.detach().double().cpu(), masks.bool().cpu()
+        where = "relfast.eval.SegmentationTotals.add"
+        if not isinstance(maps, Tensor) or maps.dim() != 3 or not maps.dtype.is_floating_point:
+            raise ValueError(f"{where}: argument 'maps' must be a float tensor (B, H, W), got "
+                             f"{getattr(maps, 'shape', type(maps).__name__)}")
+        if not bool(torch.isfinite(maps).all()):
+            raise ValueError(f"{where}: argument 'maps' holds NaN or infinite values")
+        masks = checks.binary(masks, "masks", where, maps.shape)  # another shape would broadcast silently
+        maps, masks = maps.detach().double().cpu(), masks.cpu()
         predicted = maps > maps.mean(dim=(1, 2), keepdim=True)
         self.correct += int((predicted == masks).sum())
         self.pixels += masks.numel()
@@ -51,6 +60,9 @@ class SegmentationTotals:
                 self.precisions.append(average_precision_score(truth.flatten().numpy(), heat.flatten().numpy()))
 
     def scores(self) -> SegmentationScores:
+        """The scores so far; mean_ap is NaN (``images_in_ap`` 0) when no mask had both classes."""
+        if not self.pixels:
+            raise ValueError("relfast.eval.SegmentationTotals.scores: no images were added; there is nothing to score")
         iou = tuple(float(i / u) if u else 0.0 for i, u in zip(self.intersection, self.union))
         return SegmentationScores(self.correct / max(self.pixels, 1), float(np.mean(iou)),
                                   float(np.mean(self.precisions)) if self.precisions else float("nan"), iou,
@@ -60,29 +72,36 @@ class SegmentationTotals:
 def segmentation(explainer, images: Tensor, masks: Tensor, *, preprocess: Optional[Callable[[Tensor], Tensor]] = None,
                  target: str = "predicted", labels: Optional[Tensor] = None, batch_size: int = 32,
                  progress: bool = True) -> SegmentationScores:
-    """[P1]'s segmentation test of ``explainer`` (a vision model's).
+    """[P1]'s segmentation test of ``explainer`` (an image classifier's, or a reference's).
 
     Args:
-        images: (N, C, H, W) in [0, 1]; the model gets ``preprocess(images)``.
+        images: (N, C, H, W), N >= 1; the model gets ``preprocess(images)``.
         masks: (N, H, W) bool, the object's pixels.
-        target: "predicted" (explain the predicted class, as [P1]) or "label" (``labels``).
+        target: "predicted" (explain the predicted class, as [P1]) or "label" (``labels``, (N,)).
     """
     from tqdm import tqdm
 
     where = "relfast.eval.segmentation"
-    if not isinstance(images, Tensor) or images.dim() != 4:
-        raise ValueError(f"{where}: argument 'images' must be a tensor (N, C, H, W), got "
-                         f"{getattr(images, 'shape', type(images).__name__)}")
-    if not isinstance(masks, Tensor) or tuple(masks.shape) != (images.shape[0], *images.shape[2:]):
-        raise ValueError(f"{where}: argument 'masks' must have shape {(images.shape[0], *images.shape[2:])}, got "
-                         f"{getattr(masks, 'shape', type(masks).__name__)}")
-    if target not in ("predicted", "label") or (target == "label" and labels is None):
-        raise ValueError(f"{where}: argument 'target' must be 'predicted', or 'label' with 'labels'")
-    if not explainer.layout.is_vision or explainer.layout.patch_size is None:
-        raise ValueError(f"{where}: the explainer's model is not a vision model with a patch grid and size")
-    preprocess = preprocess or (lambda x: x)
+    family = checks.classifier(explainer, where, "image")
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.dtype == torch.bool or images.is_complex():
+        raise ValueError(f"{where}: argument 'images' must be a tensor (N, C, H, W) of pixel values, got "
+                         f"{getattr(images, 'dtype', '')} {getattr(images, 'shape', type(images).__name__)}")
+    checks.not_empty(images.shape[0], "images", where)
+    masks = checks.binary(masks, "masks", where, (images.shape[0], *images.shape[2:]))
+    target = checks.choice(target, "target", where, ("predicted", "label"))
+    if target == "label":
+        labels = checks.class_labels(labels, images.shape[0], where, family.num_classes())
+    elif labels is not None:  # they would be ignored
+        raise ValueError(f"{where}: argument 'labels' is used with target='label' only; pass target='label' to "
+                         "explain them, or leave 'labels' out")
+    preprocess = checks.optional_callable(preprocess, "preprocess", where) or (lambda x: x)
+    batch_size = checks.positive_int(batch_size, "batch_size", where)
+    progress = checks.flag(progress, "progress", where)
+    starts = range(0, images.shape[0], batch_size)
+    for start in starts:  # the model's own checks (shape, channels, finite values), before any forward
+        checks.model_inputs(family, preprocess(images[start:start + batch_size]), "images", where)
     totals = SegmentationTotals()
-    for start in tqdm(range(0, images.shape[0], batch_size), desc="segmentation", unit="batch", disable=not progress):
+    for start in tqdm(starts, desc="segmentation", unit="batch", disable=not progress):
         batch = images[start:start + batch_size]
         explained = None if target == "predicted" else labels[start:start + batch_size]
         out = explainer(preprocess(batch), target=explained)

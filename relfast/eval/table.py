@@ -109,16 +109,29 @@ def explainer_for(suite: Suite, method: str):
 
 def evaluate(suite: Suite, methods: Sequence[str], tests: Sequence[str] = TESTS, steps: int = 10,
              batch_size: int = 64, progress: bool = True) -> List[Row]:
+    from ..explain import METHODS
+
+    where = "relfast.eval.table.evaluate"
+    known = list(METHODS) + list(REFERENCES)
+    if isinstance(methods, str) or not methods or any(m not in known for m in methods):
+        raise ValueError(f"{where}: argument 'methods' must be a non-empty list of methods among {known}, got "
+                         f"{methods!r}")
+    if isinstance(tests, str) or not tests or any(t not in TESTS for t in tests):  # a misspelt test would be skipped
+        raise ValueError(f"{where}: argument 'tests' must be a non-empty list among {list(TESTS)}, got {tests!r}")
+    if list(tests) == ["segmentation"] and suite.masks is None and suite.rationale is None:  # every row empty
+        raise ValueError(f"{where}: the {suite.name} suite has neither masks nor rationales; test 'segmentation' "
+                         "needs one of them")
+    explainers = [explainer_for(suite, method) for method in methods]  # every method's options refused up front
     rows = []
-    for method in methods:
-        explainer = explainer_for(suite, method)
+    for method, explainer in zip(methods, explainers):
         row = Row(method)
-        common = dict(preprocess=suite.preprocess, batch_size=batch_size, progress=progress)
+        common = dict(batch_size=batch_size, progress=progress)
         if "perturbation" in tests:
+            preprocess = None if suite.is_text else suite.preprocess  # text goes to the model as given
             row.positive, row.negative = perturbation(explainer, suite.images, suite.labels, positive="both",
-                                                      steps=steps, **common)
+                                                      steps=steps, preprocess=preprocess, **common)
         if "segmentation" in tests and suite.masks is not None:
-            row.segmentation = segmentation(explainer, suite.images, suite.masks, **common)
+            row.segmentation = segmentation(explainer, suite.images, suite.masks, preprocess=suite.preprocess, **common)
         if "segmentation" in tests and suite.rationale is not None:
             row.rationale_ap = rationale_ap(explainer, suite.images, suite.rationale, batch_size=batch_size,
                                             progress=progress)
@@ -136,6 +149,8 @@ def format_table(rows: Sequence[Row]) -> str:
 
 
 def write_csv(rows: Sequence[Row], path: Path) -> Path:
+    if not rows:
+        raise ValueError("relfast.eval.table.write_csv: argument 'rows' is empty; there is nothing to write")
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0].values()))
         writer.writeheader()
