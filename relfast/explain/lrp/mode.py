@@ -10,6 +10,10 @@ attention map (a softmax over the last dimension of a 4-D tensor) is recorded, i
 
 An op with activations in and out and no rule (and that is not a pure data move) would carry
 gradients where relevance belongs: it is collected in ``unsupported`` and the forward refused.
+
+Half-precision models (float16, bfloat16) get their relevance forward in float32: every operand of
+a rule is cast (``rules.widened``; weights per use inside the rules), embeddings come out float32,
+so the activations and relevance between rules are float32. The model itself is not cast.
 """
 import inspect
 from typing import Any, Dict, List, Optional, Tuple
@@ -21,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..capture.mode import _bind_sdpa, detached_parameters, training_error
 from ..capture.records import attention_bias, expand_groups, group_size, sdpa_scale
-from .rules import AddRule, Conv2dRule, LinearRule, MatMulRule, MeanRule, dims_of, pass_through
+from .rules import HALF, AddRule, Conv2dRule, LinearRule, MatMulRule, MeanRule, dims_of, pass_through, widened
 
 T = torch.Tensor
 _SOFTMAX = {torch.softmax, F.softmax, T.softmax, torch.special.softmax}
@@ -67,6 +71,25 @@ class RelevanceCapture(TorchFunctionMode):
         self.attention: List[Tensor] = []
         self.embeddings: List[Tuple[Tensor, Tensor]] = []
         self.unsupported: List[str] = []
+        self._widened: Dict[int, Tuple[Tensor, Tensor]] = {}  # id -> (half graph tensor, its float32 copy)
+
+    def float32_copy(self, t: Tensor) -> Tensor:
+        """The float32 copy the rules used of the half-precision graph tensor ``t`` (``t`` itself if
+        none): relevance read there is not rounded to half."""
+        kept = self._widened.get(id(t))
+        return kept[1] if kept is not None and kept[0] is t else t
+
+    def _widen(self, value: Any) -> Any:
+        """``value`` as a rule's operand: half types in float32. A graph tensor is cast once (its
+        uses then share one copy, where ``float32_copy`` finds it)."""
+        if not isinstance(value, Tensor) or value.dtype not in HALF:
+            return value
+        if not value.requires_grad:
+            return value.float()
+        kept = self._widened.get(id(value))
+        if kept is None or kept[0] is not value:
+            kept = self._widened[id(value)] = (value, value.float())
+        return kept[1]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         args, kwargs = detached_parameters(args, kwargs or {})
@@ -80,9 +103,13 @@ class RelevanceCapture(TorchFunctionMode):
                 return result
         if func is T.__setitem__ and any(_graph(a) for a in args):
             self.unsupported.append("Tensor.__setitem__ (writing into an activation)")
+        if func not in _DATA_MOVES and not _in_place(func) and _mixes_half(args, kwargs):
+            # an op without rule meeting float32 activations and the half model's weights: run it
+            # in float32, so that the forward goes on and the refusal names every such op
+            args, kwargs = tuple(self._widen(a) for a in args), {k: self._widen(v) for k, v in kwargs.items()}
         result = func(*args, **kwargs)
         if func is F.embedding and isinstance(result, Tensor) and result.dtype.is_floating_point:
-            result.requires_grad_()
+            result = widened(result).requires_grad_()
             self.embeddings.append((args[0] if args else kwargs["input"], result))
         elif _graph(result) and func not in _DATA_MOVES:
             self.unsupported.append(_op_name(func))
@@ -91,11 +118,13 @@ class RelevanceCapture(TorchFunctionMode):
     # ---- the rules ----
 
     def _rule(self, func, args: Tuple, kwargs: Dict[str, Any]) -> Tuple[bool, Any]:
-        if func is F.linear:
+        if func is F.linear:  # the weights stay as they are: LinearRule casts them per use
             x, weight, bias = _params(args, kwargs, ("input", "weight", "bias"))
-            return True, LinearRule.apply(x, weight, bias)
+            return True, LinearRule.apply(self._widen(x), weight, bias)
         if func is F.conv2d:
             return True, self._conv2d(*args, **kwargs)
+        # The other rules' constant operands are small or transient: all are cast.
+        args, kwargs = tuple(self._widen(a) for a in args), {k: self._widen(v) for k, v in kwargs.items()}
         if func in _PASS_THROUGH:
             if func in (F.dropout, torch.dropout) and _dropout_active(func, args, kwargs):
                 raise training_error("dropout")
@@ -146,7 +175,7 @@ class RelevanceCapture(TorchFunctionMode):
                 self.unsupported.append(f"conv2d(padding={padding!r})")
                 return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
             padding = 0
-        return Conv2dRule.apply(input, weight, bias, stride, padding, dilation, groups)
+        return Conv2dRule.apply(self._widen(input), weight, bias, stride, padding, dilation, groups)
 
     def _attention(self, query: Tensor, key: Tensor, value: Tensor, bias: Optional[Tensor], scale: float) -> Tensor:
         """softmax(q·kᵀ·scale + bias)·v with the matmul rule on both products; the map is recorded.
@@ -160,6 +189,7 @@ class RelevanceCapture(TorchFunctionMode):
     def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if dropout_p > 0:
             raise training_error("scaled_dot_product_attention")
+        query, key, value, attn_mask = (self._widen(t) for t in (query, key, value, attn_mask))
         repeats = group_size(query, key, enable_gqa)
         bias = attention_bias(attn_mask, is_causal, query.shape[-2], key.shape[-2], query.dtype, query.device)
         return self._attention(query, expand_groups(key, repeats), expand_groups(value, repeats), bias,
@@ -182,7 +212,7 @@ class RelevanceCapture(TorchFunctionMode):
             return F.multi_head_attention_forward(*args, **kwargs)
         length, batch, width = query.shape
         heads = a["num_heads"]
-        q, k, v = LinearRule.apply(query, a["in_proj_weight"], a["in_proj_bias"]).chunk(3, dim=-1)
+        q, k, v = LinearRule.apply(self._widen(query), a["in_proj_weight"], a["in_proj_bias"]).chunk(3, dim=-1)
 
         def split(t):  # (L, B, E) -> (B, H, L, d)
             return t.reshape(length, batch, heads, width // heads).permute(1, 2, 0, 3)
@@ -203,6 +233,17 @@ def _op_name(func) -> str:
         return "Tensor." + name
     module = getattr(func, "__module__", None) or ""
     return ("torch.nn.functional." if module.startswith("torch.nn.functional") else "torch.") + name
+
+
+def _in_place(func) -> bool:
+    name = getattr(func, "__name__", "")
+    return (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or name == "__setitem__"
+
+
+def _mixes_half(args: Tuple, kwargs: Dict[str, Any]) -> bool:
+    tensors = [v for v in list(args) + list(kwargs.values()) if isinstance(v, Tensor)]
+    return (any(t.dtype in HALF for t in tensors)
+            and any(_graph(t) and t.dtype.is_floating_point and t.dtype not in HALF for t in tensors))
 
 
 def _params(args: Tuple, kwargs: Dict[str, Any], names: Tuple[str, ...]) -> List[Any]:

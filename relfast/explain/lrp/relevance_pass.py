@@ -65,12 +65,12 @@ class RelevancePass:
         return [r.detach() if r is not None else torch.zeros_like(w) for r, w in zip(relevance, wanted)]
 
     def input_leaves(self) -> List[Tensor]:
-        """The tensors input relevance is read at: the float inputs (pixels), else the embedding
-        lookups of the call's ``input_ids``."""
+        """The tensors input relevance is read at: the float inputs (pixels; half-precision ones at
+        the float32 copy the rules used), else the embedding lookups of the call's ``input_ids``."""
         self.forward()
         floats = [v for v in list(self.call.args) + list(self.call.kwargs.values())
                   if isinstance(v, Tensor) and v.requires_grad]
         if floats:
-            return floats[:1]
+            return [self._forward[0].float32_copy(floats[0])]
         ids = self.call.kwargs.get("input_ids", self.call.args[0] if self.call.args else None)
         return [leaf for indices, leaf in self._forward[0].embeddings if indices is ids][:1]

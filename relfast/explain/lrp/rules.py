@@ -21,6 +21,11 @@ Rules (``../shared/SPEC.md``, [P1]; seed 000 §2):
 
 Divisions are safe: the denominator is moved 1e-9 away from 0 (keeping its sign), and an exactly
 zero denominator gives 0. The batch is dimension 0 of every rule's output (per-sample sums).
+
+Half-precision operands (float16, bfloat16) are computed in float32, forward and backward: the rules
+divide by sums that nearly cancel, which half types cannot resolve (the maps of plain LRP came out
+unrelated to float64's). Linear and convolution layers keep the model's weights as they are and
+cast them per use, so the graph holds no float32 copy of them.
 """
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -29,6 +34,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 EPS = 1e-9
+HALF = (torch.float16, torch.bfloat16)
+
+
+def widened(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A half-precision tensor in float32; anything else as it is."""
+    return t.float() if isinstance(t, Tensor) and t.dtype in HALF else t
+
+
+def _cast(t: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    return t.to(like.dtype) if t is not None and t.dtype != like.dtype else t
 
 
 def safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
@@ -80,12 +95,14 @@ class LinearRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
         ctx.save_for_backward(x, weight)
-        return F.linear(x, weight, bias)
+        x = widened(x)
+        return F.linear(x, _cast(weight, x), _cast(bias, x))
 
     @staticmethod
     def backward(ctx, relevance: Tensor):
         x, weight = ctx.saved_tensors
-        r = _alpha_beta(x, relevance.to(x.dtype), F.linear, lambda s, w: s @ w, weight)
+        x = widened(x)
+        r = _alpha_beta(x, relevance.to(x.dtype), F.linear, lambda s, w: s @ w, _cast(weight, x))
         return r, None, None
 
 
@@ -94,11 +111,14 @@ class Conv2dRule(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int):
         ctx.save_for_backward(x, weight)
         ctx.geometry = (stride, padding, dilation, groups)
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        x = widened(x)
+        return F.conv2d(x, _cast(weight, x), _cast(bias, x), stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, relevance: Tensor):
         x, weight = ctx.saved_tensors
+        x = widened(x)
+        weight = _cast(weight, x)
         stride, padding, dilation, groups = ctx.geometry
 
         def forward(inputs, w):
@@ -129,11 +149,11 @@ class MatMulRule(torch.autograd.Function):
     def forward(ctx, u: Tensor, v: Tensor, conserve: bool):
         ctx.save_for_backward(u, v)
         ctx.conserve = conserve
-        return torch.matmul(u, v)
+        return torch.matmul(widened(u), widened(v))
 
     @staticmethod
     def backward(ctx, relevance: Tensor):
-        u, v = ctx.saved_tensors
+        u, v = (widened(t) for t in ctx.saved_tensors)
         s = safe_divide(relevance.to(u.dtype), torch.matmul(u, v))
         r_u = u * torch.matmul(s, v.transpose(-1, -2))
         r_v = v * torch.matmul(u.transpose(-1, -2), s)
@@ -150,11 +170,13 @@ class AddRule(torch.autograd.Function):
     def forward(ctx, u: Tensor, v: Tensor, conserve: bool):
         ctx.save_for_backward(u, v)
         ctx.conserve = conserve
-        return u + v
+        return widened(u) + widened(v)
 
     @staticmethod
     def backward(ctx, relevance: Tensor):
         u, v = ctx.saved_tensors
+        like = (u, v)  # the operands' own dtypes, for the relevance handed back
+        u, v = widened(u), widened(v)
         s = safe_divide(relevance.to(u.dtype), u + v)
         r_u, r_v = u * s, v * s  # both in the output's (broadcast) shape
         if ctx.conserve:
@@ -162,8 +184,8 @@ class AddRule(torch.autograd.Function):
             share = sum_u.abs() + sum_v.abs()
             r_u = r_u * safe_divide(safe_divide(sum_u.abs(), share) * total, sum_u)
             r_v = r_v * safe_divide(safe_divide(sum_v.abs(), share) * total, sum_v)
-        return (_to_shape(r_u, u) if ctx.needs_input_grad[0] else None,
-                _to_shape(r_v, v) if ctx.needs_input_grad[1] else None, None)
+        return (_to_shape(r_u, like[0]) if ctx.needs_input_grad[0] else None,
+                _to_shape(r_v, like[1]) if ctx.needs_input_grad[1] else None, None)
 
 
 class MeanRule(torch.autograd.Function):
@@ -173,11 +195,11 @@ class MeanRule(torch.autograd.Function):
     def forward(ctx, x: Tensor, dims: Tuple[int, ...], keepdim: bool):
         ctx.save_for_backward(x)
         ctx.dims, ctx.keepdim = dims, keepdim
-        return x.mean(dim=dims, keepdim=keepdim)
+        return widened(x).mean(dim=dims, keepdim=keepdim)
 
     @staticmethod
     def backward(ctx, relevance: Tensor):
-        (x,) = ctx.saved_tensors
+        x = widened(ctx.saved_tensors[0])
         total = x.sum(dim=ctx.dims, keepdim=True)
         if not ctx.keepdim:
             for d in sorted(d % x.dim() for d in ctx.dims):

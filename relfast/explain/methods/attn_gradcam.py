@@ -5,6 +5,8 @@ import torch
 
 from .base import Method, Run
 
+HALF = (torch.float16, torch.bfloat16)
+
 
 class AttnGradCAM(Method):
     name = "attn_gradcam"
@@ -22,6 +24,8 @@ class AttnGradCAM(Method):
     @staticmethod
     def _map(run: Run, grad: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         grad_row, attn_row = run.gather_rows(grad), run.gather_rows(attn)  # (B, H, N)
+        if grad_row.dtype in HALF:  # half models: head weights are means of gradients of either sign
+            grad_row, attn_row = grad_row.float(), attn_row.float()
         columns = torch.ones(grad_row.shape[0], grad_row.shape[-1], dtype=torch.bool, device=attn.device)
         columns[:, :run.layout.prefix_tokens] = False
         if run.token_mask is not None:
