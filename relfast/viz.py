@@ -6,6 +6,7 @@ models: :func:`save_text_and_image` (CLIP, VisualBERT, LXMERT; region maps throu
 :func:`regions_heatmap`) and :func:`save_detections` (DETR's boxes with their query maps).
 """
 import html
+import numbers
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
@@ -23,15 +24,26 @@ def _numpy(x: ArrayLike) -> np.ndarray:
     return x.detach().float().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x, dtype=np.float32)
 
 
-def _image_hwc(image: ArrayLike) -> np.ndarray:
+def _finite(values: np.ndarray, where: str, name: str) -> np.ndarray:
+    """``values`` if every entry is finite: a NaN or inf would be drawn as a plausible picture."""
+    if not np.isfinite(values).all():
+        bad = int((~np.isfinite(values)).sum())
+        raise ValueError(f"{where}: argument '{name}' holds {bad} NaN or infinite value(s); only finite maps can be "
+                         "drawn (check the explanation that produced it)")
+    return values
+
+
+def _image_hwc(image: ArrayLike, where: str = "relfast.viz.overlay") -> np.ndarray:
     """(3, H, W) or (H, W, 3) or (H, W), any range -> (H, W, 3) float in [0, 1]."""
     img = _numpy(image)
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=-1)
     elif img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):
         img = np.transpose(img, (1, 2, 0))
-    if img.ndim != 3 or img.shape[-1] not in (1, 3):
-        raise ValueError(f"relfast.viz: argument 'image' must be (3, H, W), (H, W, 3) or (H, W), got {img.shape}")
+    if img.ndim != 3 or img.shape[-1] not in (1, 3) or 0 in img.shape:
+        raise ValueError(f"{where}: argument 'image' must be a non-empty (3, H, W), (H, W, 3) or (H, W) array, got "
+                         f"shape {img.shape}")
+    _finite(img, where, "image")
     if img.shape[-1] == 1:
         img = np.repeat(img, 3, axis=-1)
     low, high = img.min(), img.max()
@@ -41,15 +53,34 @@ def _image_hwc(image: ArrayLike) -> np.ndarray:
 DEFAULT_CMAP = "inferno"  # perceptually ordered: the hottest area reads as hottest on any object colour
 
 
-def _resized_map(heatmap: ArrayLike, shape) -> np.ndarray:
+def _resized_map(heatmap: ArrayLike, shape, where: str = "relfast.viz.overlay", name: str = "heatmap") -> np.ndarray:
     heat = _numpy(heatmap)
-    if heat.ndim != 2:
-        raise ValueError(f"relfast.viz: argument 'heatmap' must be a 2-D map, got shape {heat.shape}")
+    if heat.ndim != 2 or heat.size == 0:
+        raise ValueError(f"{where}: argument '{name}' must be a non-empty 2-D map, got shape {heat.shape}")
+    _finite(heat, where, name)
     if heat.shape != tuple(shape):
         resized = torch.nn.functional.interpolate(torch.from_numpy(heat)[None, None], size=tuple(shape),
                                                   mode="bilinear", align_corners=False)
         heat = resized[0, 0].numpy()
     return heat
+
+
+def _check_style(alpha: float, cmap: str, where: str) -> None:
+    """``alpha`` and ``cmap`` before any drawing (matplotlib would fail mid-figure or blend wrongly)."""
+    from matplotlib import colormaps
+
+    if isinstance(alpha, bool) or not (isinstance(alpha, numbers.Real) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"{where}: argument 'alpha' must be a number in [0, 1], got {alpha!r}")
+    if not isinstance(cmap, str) or cmap not in colormaps:
+        raise ValueError(f"{where}: argument 'cmap' must be the name of a matplotlib colormap (e.g. "
+                         f"{DEFAULT_CMAP!r}), got {cmap!r}")
+
+
+def _scores(scores: ArrayLike, tokens: Sequence[str], where: str) -> np.ndarray:
+    values = _finite(_numpy(scores).reshape(-1), where, "scores")
+    if len(tokens) != values.shape[0]:
+        raise ValueError(f"{where}: {len(tokens)} tokens but {values.shape[0]} scores")
+    return values
 
 
 def _scaled(heat: np.ndarray, value_range: Optional[Sequence[float]]) -> np.ndarray:
@@ -62,11 +93,23 @@ def overlay(image: ArrayLike, heatmap: ArrayLike, alpha: float = 0.5, cmap: str 
             value_range: Optional[Sequence[float]] = None) -> np.ndarray:
     """The heatmap (resized to the image, scaled to [0, 1] by ``value_range`` or else by its own
     min and max) coloured with a matplotlib colormap and blended over the image: (H, W, 3) in [0, 1]."""
+    where = "relfast.viz.overlay"
+    _check_style(alpha, cmap, where)
+    if value_range is not None:
+        bounds = np.asarray(value_range, dtype=np.float64).reshape(-1)
+        if bounds.shape != (2,) or not np.isfinite(bounds).all():
+            raise ValueError(f"{where}: argument 'value_range' must be two finite numbers (low, high), got "
+                             f"{value_range!r}")
+    img = _image_hwc(image, where)
+    return _blend(img, _resized_map(heatmap, img.shape[:2], where), alpha, cmap, value_range)
+
+
+def _blend(img: np.ndarray, heat: np.ndarray, alpha: float, cmap: str,
+           value_range: Optional[Sequence[float]] = None) -> np.ndarray:
+    """:func:`overlay` on inputs already checked and resized."""
     from matplotlib import colormaps
 
-    img = _image_hwc(image)
-    heat = _scaled(_resized_map(heatmap, img.shape[:2]), value_range)
-    coloured = colormaps[cmap](heat)[..., :3]
+    coloured = colormaps[cmap](_scaled(heat, value_range))[..., :3]
     return (1 - alpha) * img + alpha * coloured
 
 
@@ -76,8 +119,12 @@ def save_overlay(image: ArrayLike, heatmap: ArrayLike, path: Union[str, Path], a
     :func:`save_side_by_side` adds the input, a title and a colour bar); returns the path."""
     import matplotlib.pyplot as plt
 
+    where = "relfast.viz.save_overlay"
+    _check_style(alpha, cmap, where)
+    img = _image_hwc(image, where)
+    blended = _blend(img, _resized_map(heatmap, img.shape[:2], where), alpha, cmap)
     path = Path(path)
-    plt.imsave(path, np.clip(overlay(image, heatmap, alpha, cmap), 0, 1))
+    plt.imsave(path, np.clip(blended, 0, 1))
     return path
 
 
@@ -96,10 +143,14 @@ def save_side_by_side(image: ArrayLike, heatmaps: Sequence[ArrayLike], titles: S
     import matplotlib.pyplot as plt
     from matplotlib import cm, colors
 
+    where = "relfast.viz.save_side_by_side"
     if len(heatmaps) != len(titles):
-        raise ValueError(f"relfast.viz: {len(heatmaps)} heatmaps but {len(titles)} titles")
-    img = _image_hwc(image)
-    maps = [_resized_map(h, img.shape[:2]) for h in heatmaps]
+        raise ValueError(f"{where}: {len(heatmaps)} heatmaps but {len(titles)} titles")
+    if not len(heatmaps):
+        raise ValueError(f"{where}: argument 'heatmaps' is empty; give at least one map to draw beside the image")
+    _check_style(alpha, cmap, where)
+    img = _image_hwc(image, where)
+    maps = [_resized_map(h, img.shape[:2], where, f"heatmaps[{k}]") for k, h in enumerate(heatmaps)]
     joint = (min(m.min() for m in maps), max(m.max() for m in maps)) if shared_scale and maps else None
     panels = len(maps) + 1
     figure = plt.figure(figsize=(2.8 * panels + 0.9, 3.4), layout="constrained")  # room for titles and the bar
@@ -108,7 +159,7 @@ def save_side_by_side(image: ArrayLike, heatmaps: Sequence[ArrayLike], titles: S
     axes[0].set_title("input")
     for axis, heat, title in zip(axes[1:], maps, titles):
         scale = joint if joint is not None else (heat.min(), heat.max())
-        axis.imshow(np.clip(overlay(img, heat, alpha, cmap, scale), 0, 1))
+        axis.imshow(np.clip(_blend(img, heat, alpha, cmap, scale), 0, 1))
         flat = heat.max() == heat.min()
         axis.set_title(f"{title}\n(flat map: {heat.max():.3g} everywhere)" if flat else title, fontsize=10)
     for axis in axes:
@@ -126,9 +177,11 @@ def save_side_by_side(image: ArrayLike, heatmaps: Sequence[ArrayLike], titles: S
 def text_html(tokens: Sequence[str], scores: ArrayLike, title: Optional[str] = None) -> str:
     """A self-contained HTML fragment: each token on a background whose strength is its score
     (min-max normalised over the tokens; negative-free red scale), the score in a tooltip."""
-    values = _numpy(scores).reshape(-1)
-    if len(tokens) != values.shape[0]:
-        raise ValueError(f"relfast.viz: {len(tokens)} tokens but {values.shape[0]} scores")
+    return _text_html(tokens, scores, title, "relfast.viz.text_html")
+
+
+def _text_html(tokens: Sequence[str], scores: ArrayLike, title: Optional[str], where: str) -> str:
+    values = _scores(scores, tokens, where)
     low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
     shares = (values - low) / (high - low) if high > low else np.zeros_like(values)
     spans: List[str] = []
@@ -141,7 +194,13 @@ def text_html(tokens: Sequence[str], scores: ArrayLike, title: Optional[str] = N
 
 def save_text_html(rows: Sequence[tuple], path: Union[str, Path]) -> Path:
     """Writes one HTML page from rows of (tokens, scores[, title]); returns the path."""
-    body = "\n".join(text_html(*row) for row in rows)
+    where = "relfast.viz.save_text_html"
+    for k, row in enumerate(rows):
+        if not isinstance(row, (tuple, list)) or len(row) not in (2, 3):
+            raise ValueError(f"{where}: argument 'rows' must hold (tokens, scores[, title]) tuples; row {k} is "
+                             f"{type(row).__name__}" + (f" of {len(row)} items" if isinstance(row, (tuple, list)) else ""))
+    body = "\n".join(_text_html(*row[:2], row[2] if len(row) == 3 else None, f"{where} (row {k})")
+                      for k, row in enumerate(rows))  # every row checked before the file is written
     path = Path(path)
     path.write_text(f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>relfast</title></head>'
                     f"<body>{body}</body></html>\n", encoding="utf-8")
@@ -157,10 +216,14 @@ def regions_heatmap(boxes: ArrayLike, scores: ArrayLike, size: Sequence[int]) ->
         scores: (R,) the regions' relevance (``Explanation.maps["image"][b]``).
         size: (H, W) of the image.
     """
-    box_array, values = _numpy(boxes), _numpy(scores).reshape(-1)
+    where = "relfast.viz.regions_heatmap"
+    box_array, values = _numpy(boxes), _finite(_numpy(scores).reshape(-1), where, "scores")
     if box_array.ndim != 2 or box_array.shape[1] != 4 or box_array.shape[0] != values.shape[0]:
-        raise ValueError(f"relfast.viz: argument 'boxes' must be (R, 4) with one box per score ({values.shape[0]}), "
+        raise ValueError(f"{where}: argument 'boxes' must be (R, 4) with one box per score ({values.shape[0]}), "
                          f"got {box_array.shape}")
+    _finite(box_array, where, "boxes")
+    if len(size) != 2 or int(size[0]) < 1 or int(size[1]) < 1:
+        raise ValueError(f"{where}: argument 'size' must be (H, W) with H, W >= 1, got {tuple(size)}")
     height, width = int(size[0]), int(size[1])
     if box_array.size and box_array.max() <= 1.0:
         box_array = box_array * np.array([width, height, width, height], dtype=np.float32)
@@ -201,16 +264,16 @@ def save_text_and_image(image: ArrayLike, heatmap: ArrayLike, tokens: Sequence[s
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    values = _numpy(scores).reshape(-1)
-    if len(tokens) != values.shape[0]:
-        raise ValueError(f"relfast.viz: {len(tokens)} tokens but {values.shape[0]} scores")
-    img = _image_hwc(image)
-    heat = _resized_map(heatmap, img.shape[:2])
+    where = "relfast.viz.save_text_and_image"
+    values = _scores(scores, tokens, where)
+    _check_style(alpha, cmap, where)
+    img = _image_hwc(image, where)
+    heat = _resized_map(heatmap, img.shape[:2], where)
     figure = plt.figure(figsize=(10, 3.6), layout="constrained")
     axes = figure.subplots(1, 3, width_ratios=[1, 1, 1.6])
     axes[0].imshow(img)
     axes[0].set_title("input", fontsize=10)
-    axes[1].imshow(np.clip(overlay(img, heat, alpha, cmap), 0, 1))
+    axes[1].imshow(np.clip(_blend(img, heat, alpha, cmap), 0, 1))
     axes[1].set_title("image relevance", fontsize=10)
     for axis in axes[:2]:
         axis.axis("off")
@@ -237,12 +300,18 @@ def save_detections(image: ArrayLike, boxes: ArrayLike, heatmaps: Sequence[Array
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    box_array = _numpy(boxes).reshape(-1, 4)
+    where = "relfast.viz.save_detections"
+    box_array = _numpy(boxes)
+    if box_array.size % 4:
+        raise ValueError(f"{where}: argument 'boxes' must be (K, 4), got shape {box_array.shape}")
+    box_array = _finite(box_array.reshape(-1, 4), where, "boxes")
     if not len(box_array) == len(heatmaps) == len(titles):
-        raise ValueError(f"relfast.viz: {len(box_array)} boxes, {len(heatmaps)} heatmaps and {len(titles)} titles; "
+        raise ValueError(f"{where}: {len(box_array)} boxes, {len(heatmaps)} heatmaps and {len(titles)} titles; "
                          "give one of each per query")
-    img = _image_hwc(image)
+    _check_style(alpha, cmap, where)
+    img = _image_hwc(image, where)
     height, width = img.shape[:2]
+    maps = [_resized_map(h, (height, width), where, f"heatmaps[{k}]") for k, h in enumerate(heatmaps)]
     corners = [((cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height) for cx, cy, w, h in box_array]
     figure = plt.figure(figsize=(2.8 * (len(heatmaps) + 1) + 0.5, 3.4), layout="constrained")
     axes = np.atleast_1d(figure.subplots(1, len(heatmaps) + 1))
@@ -252,7 +321,7 @@ def save_detections(image: ArrayLike, boxes: ArrayLike, heatmaps: Sequence[Array
     for k, (x, y, w, h) in enumerate(corners):
         axes[0].add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=colours(k % 10), linewidth=2))
         axis = axes[k + 1]
-        axis.imshow(np.clip(overlay(img, _resized_map(heatmaps[k], img.shape[:2]), alpha, cmap), 0, 1))
+        axis.imshow(np.clip(_blend(img, maps[k], alpha, cmap), 0, 1))
         axis.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=colours(k % 10), linewidth=2))
         axis.set_title(titles[k], fontsize=10)
     for axis in axes:

@@ -8,6 +8,7 @@ import torch
 import relfast.cli
 import relfast.explain.session
 from test_cli import causal_lm_folder, explain_in_process  # noqa: F401 (the fixture is used by name)
+from test_cli_bimodal import clip_folder, detr_folder, region_folders  # noqa: F401 (fixtures)
 
 SHORT = ["--batch", "2", "--seconds", "0.5"]
 SETTINGS = ["model", "batch", "device", "dtype", "method"]
@@ -72,6 +73,41 @@ def image_folder(tmp_path_factory):
     return folder
 
 
+# kind: (extra arguments, the rows the table adds after the settings, from the fixtures' configs)
+PAIRED = {
+    "clip": ([], {"tokens": "32"}),  # the text tower's 32 positions cut the default 128
+    "detr": ([], {"image": "64x64 px"}),  # the folder's processor: shortest edge 64
+    "visual_bert": ([], {"tokens": "40", "regions": "36"}),
+    "lxmert": (["--tokens", "8"], {"tokens": "8", "regions": "36"}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PAIRED))
+def test_bench_a_two_stream_folder(kind, clip_folder, detr_folder, region_folders, capsys):  # noqa: F811
+    """CLIP, DETR, VisualBERT and LXMERT folders are benched on random inputs of their kind."""
+    folder = {"clip": clip_folder, "detr": detr_folder}.get(kind, region_folders / kind)
+    extra, added = PAIRED[kind]
+    code, stdout, stderr = explain_in_process(capsys, "bench", "--model", str(folder), "--batch", "2", "--seconds",
+                                              "0.3", "--quiet", *extra)
+    assert code == 0, stderr[-3000:]
+    rows, timed = bench_table(stdout)
+    assert list(rows) == SETTINGS + list(added) + RESULTS
+    assert {name: rows[name] for name in added} == added
+    assert_consistent(rows, timed, 2)
+    assert stderr == "", "--quiet: nothing but the table"
+
+
+@pytest.fixture(scope="module")
+def detr_config_folder(tmp_path_factory):
+    """A DETR config alone: --tokens must be refused from it, before loading."""
+    import transformers
+
+    folder = tmp_path_factory.mktemp("detr_config")
+    transformers.DetrConfig(use_timm_backbone=False, backbone_config=transformers.ResNetConfig(),
+                            architectures=["DetrForObjectDetection"]).save_pretrained(folder)
+    return folder
+
+
 # name: (arguments, the message's words, checked before any model is loaded)
 MISTAKES = {
     "batch 0": (["--batch", "0"], "--batch must be >= 1, got 0", True),
@@ -84,6 +120,9 @@ MISTAKES = {
                                      "--tokens applies to text models; the embedded default model is an image", True),
     "tokens for an image folder": (["--batch", "2", "--model", "IMAGE_FOLDER", "--tokens", "16"],
                                    "--tokens applies to text models", True),
+    "tokens for a DETR folder": (["--batch", "2", "--model", "DETR_FOLDER", "--tokens", "16"],
+                                 "--tokens applies to text models; DETR_FOLDER is an image model (DETR)", True),
+    "a missing model": (["--batch", "2", "--model", "/no/such/model"], "--model /no/such/model does not exist", True),
     "tokens 0": (["--batch", "2", "--model", "LM", "--tokens", "0"], "--tokens must be >= 1, got 0", True),
     "tokens beyond the positions": (["--batch", "2", "--model", "LM", "--tokens", "33"],
                                     "--tokens 33 is longer than the model's 32 positions", False),
@@ -93,7 +132,8 @@ MISTAKES = {
 
 
 @pytest.mark.parametrize("case", sorted(MISTAKES))
-def test_bench_mistakes_fail_with_one_line(case, causal_lm_folder, image_folder, capsys, monkeypatch):  # noqa: F811
+def test_bench_mistakes_fail_with_one_line(case, causal_lm_folder, image_folder, detr_config_folder, capsys,  # noqa: F811
+                                          monkeypatch):
     args, words, before_loading = MISTAKES[case]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same case on a GPU machine
@@ -102,9 +142,10 @@ def test_bench_mistakes_fail_with_one_line(case, causal_lm_folder, image_folder,
             raise AssertionError("a model was loaded before the arguments were checked")
         monkeypatch.setattr(relfast.cli, "_load_model_and_inputs", no_loading)
         monkeypatch.setattr(relfast.explain.session.Session, "run", no_loading)
-    paths = {"LM": str(causal_lm_folder), "IMAGE_FOLDER": str(image_folder)}
+    paths = {"LM": str(causal_lm_folder), "IMAGE_FOLDER": str(image_folder), "DETR_FOLDER": str(detr_config_folder)}
     code, stdout, stderr = explain_in_process(capsys, "bench", *[paths.get(a, a) for a in args])
     assert code == 2, (stdout, stderr)
     lines = stderr.strip().splitlines()
+    words = words.replace("DETR_FOLDER", paths["DETR_FOLDER"])
     assert len(lines) == 1 and lines[0].startswith("relfast: error: ") and words in lines[0], stderr
     assert stdout == ""

@@ -59,6 +59,15 @@ def detr_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def region_folders(tmp_path_factory):
+    """VisualBERT and LXMERT folders (their inputs are detector features, so no processor)."""
+    root = tmp_path_factory.mktemp("regions")
+    models.visual_bert().float().save_pretrained(root / "visual_bert")
+    models.lxmert().float().save_pretrained(root / "lxmert")
+    return root
+
+
+@pytest.fixture(scope="module")
 def photo(tmp_path_factory):
     path = tmp_path_factory.mktemp("photo") / "photo.png"
     plt.imsave(path, np.random.default_rng(0).random((40, 56, 3)))
@@ -102,3 +111,90 @@ def test_image_and_text_with_a_detr_folder_is_refused(detr_folder, photo, tmp_pa
     result = run("explain", "--image", str(photo), "--text", "a dog", "--model", str(detr_folder),
                  "--out", str(tmp_path / "x.png"))
     assert result.returncode != 0 and "CLIP folder" in result.stderr
+
+
+def in_process(capsys, *args):
+    """``relfast.cli.main`` on ``args``: (exit code, stdout, stderr)."""
+    import relfast.cli
+
+    try:
+        relfast.cli.main([str(a) for a in args])
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_export_a_clip_folder_to_torchscript(clip_folder, photo, tmp_path, capsys):
+    """The file explains a real image-text pair as relfast.Explainer does (both maps' first: the image's)."""
+    import relfast
+
+    out = tmp_path / "clip.pt"
+    code, stdout, stderr = in_process(capsys, "export", "--model", clip_folder, "--format", "torchscript", "--out", out)
+    assert code == 0, stderr[-3000:]
+    assert "parity vs eager PyTorch at batch 1, 2, 5, 16" in stdout and "(ok)" in stdout, stdout
+    processor = transformers.AutoProcessor.from_pretrained(clip_folder)
+    model = transformers.CLIPModel.from_pretrained(clip_folder).eval()
+    inputs = processor(text=["a dog", "a cat on a mat"], images=[plt.imread(photo)[..., :3]] * 2, return_tensors="pt",
+                       padding=True, do_rescale=False)
+    inputs = {k: inputs[k] for k in ("pixel_values", "input_ids", "attention_mask")}
+    eager = relfast.Explainer(model)(inputs)
+    logits, relevance = torch.jit.load(str(out))(*inputs.values(), torch.tensor([-1, -1]))[:2]
+    torch.testing.assert_close(logits, eager.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(relevance, eager.maps["image"], rtol=1e-4, atol=1e-4 * float(relevance.abs().max()))
+
+
+def test_export_a_detr_folder_to_onnx(detr_folder, tmp_path, capsys):
+    """DETR exports with a fixed batch (1) at its processor's image size; the file equals the
+    eager explainer on another image."""
+    import relfast
+    from relfast.runtime import OnnxExplainer
+
+    out = tmp_path / "detr.onnx"
+    code, stdout, stderr = in_process(capsys, "export", "--model", detr_folder, "--out", out)
+    assert code == 0, stderr[-3000:]
+    assert "at batch 1 (4 inputs; the file has a fixed batch)" in stdout and "(ok)" in stdout, stdout
+    assert "batch 8" not in stdout
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(123))
+    outputs = OnnxExplainer(out).run(pixels.numpy())
+    eager = relfast.Explainer(transformers.DetrForObjectDetection.from_pretrained(detr_folder).eval())(pixels)
+    np.testing.assert_allclose(outputs["relevance"], eager.maps["image"].numpy(), rtol=1e-4,
+                               atol=1e-4 * float(eager.maps["image"].abs().max()))
+    np.testing.assert_allclose(outputs["pred_boxes"], eager.output.pred_boxes.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("height,width", [(4, 4), (1, 2), (3, 5)])
+def test_detr_explains_an_image_smaller_than_its_input(detr_folder, tmp_path, capsys, height, width):
+    """Tiny images (which the processor, guessing the channel axis from the shape, used to misread
+    or fail on) are enlarged by the processor, and the CLI says so."""
+    image = tmp_path / "tiny.png"
+    plt.imsave(image, np.random.default_rng(height).random((height, width, 3)))
+    out = tmp_path / "boxes.png"
+    code, stdout, stderr = in_process(capsys, "explain", "--image", image, "--model", detr_folder, "--out", out)
+    assert code == 0, stderr[-3000:]
+    assert f"note: {image} is {width}x{height} px; the processor enlarged it to " in stdout
+    if height == width:
+        assert "enlarged it to 64x64" in stdout  # the processor's shortest and longest edge
+    assert plt.imread(out).ndim == 3
+
+
+def test_clip_reads_an_image_three_pixels_high_as_channels_last(clip_folder, tmp_path, capsys):
+    """A 3 x 5 px image: its rows are not colour channels (HF's guess for such shapes)."""
+    pixels = np.random.default_rng(3).integers(0, 256, (3, 5, 3)).astype(np.uint8)
+    image = tmp_path / "strip.png"
+    plt.imsave(image, pixels)
+    code, stdout, stderr = in_process(capsys, "explain", "--image", image, "--text", "a dog", "--model", clip_folder,
+                                      "--out", tmp_path / "pair.png")
+    assert code == 0, stderr[-3000:]
+    logit = float(re.search(r"similarity logit (-?[\d.]+)", stdout).group(1))
+    processor = transformers.AutoProcessor.from_pretrained(clip_folder)
+    model = transformers.CLIPModel.from_pretrained(clip_folder).eval()
+
+    def similarity(**layout):
+        inputs = processor(text=["a dog"], images=pixels, return_tensors="pt", **layout)
+        with torch.no_grad():
+            return float(model(**inputs).logits_per_image[0, 0])
+    expected = similarity(input_data_format="channels_last")
+    assert abs(logit - expected) < 0.01 + 0.01 * abs(expected)
+    assert abs(similarity() - expected) > 0.02, "the guessed layout is another image (the test tells them apart)"

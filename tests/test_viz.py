@@ -1,3 +1,5 @@
+import re
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
@@ -111,4 +113,66 @@ def test_text_and_image_and_detections_write_pngs(tmp_path):
 ])
 def test_bad_two_stream_picture_input(call, words):
     with pytest.raises(ValueError, match=words):
+        call()
+
+
+def _with(value):
+    """A 4x4 map holding one ``value`` (NaN or inf) among finite entries."""
+    heat = np.random.default_rng(0).random((4, 4))
+    heat[1, 2] = value
+    return heat
+
+
+IMAGE = np.random.default_rng(1).random((16, 16, 3))
+BOXES = np.array([[0.5, 0.5, 0.5, 0.5]])
+# writer: (call writing to `path`, the entry point and argument its message names)
+NON_FINITE = {
+    "save_overlay nan map": (lambda path: viz.save_overlay(IMAGE, _with(np.nan), path),
+                             "relfast.viz.save_overlay: argument 'heatmap'"),
+    "save_overlay inf image": (lambda path: viz.save_overlay(np.full((8, 8, 3), np.inf), _with(0.0), path),
+                               "relfast.viz.save_overlay: argument 'image'"),
+    "save_side_by_side second map": (lambda path: viz.save_side_by_side(IMAGE, [_with(0.0), _with(-np.inf)],
+                                                                        ["a", "b"], path),
+                                     "relfast.viz.save_side_by_side: argument 'heatmaps[1]'"),
+    "save_text_html nan score": (lambda path: viz.save_text_html([(["a", "b"], [1.0, 2.0]),
+                                                                  (["c", "d"], [np.nan, 1.0], "t")], path),
+                                 "relfast.viz.save_text_html (row 1): argument 'scores'"),
+    "save_text_and_image nan map": (lambda path: viz.save_text_and_image(IMAGE, _with(np.nan), ["a"], [1.0], path),
+                                    "relfast.viz.save_text_and_image: argument 'heatmap'"),
+    "save_text_and_image inf score": (lambda path: viz.save_text_and_image(IMAGE, _with(0.0), ["a", "b"],
+                                                                           torch.tensor([1.0, float("inf")]), path),
+                                      "relfast.viz.save_text_and_image: argument 'scores'"),
+    "save_detections nan map": (lambda path: viz.save_detections(IMAGE, BOXES, [_with(np.nan)], ["q0"], path),
+                                "relfast.viz.save_detections: argument 'heatmaps[0]'"),
+    "save_detections nan box": (lambda path: viz.save_detections(IMAGE, np.array([[0.5, np.nan, 0.5, 0.5]]),
+                                                                 [_with(0.0)], ["q0"], path),
+                                "relfast.viz.save_detections: argument 'boxes'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NON_FINITE))
+def test_writers_refuse_non_finite_values_before_writing(tmp_path, case):
+    call, words = NON_FINITE[case]
+    path = tmp_path / ("out.html" if "html" in case else "out.png")
+    with pytest.raises(ValueError, match=re.escape(words) + ".*NaN or infinite"):
+        call(path)
+    assert not path.exists(), "nothing is written"
+
+
+@pytest.mark.parametrize("call,words", [
+    (lambda: viz.overlay(IMAGE, _with(np.nan)), "relfast.viz.overlay: argument 'heatmap' holds 1 NaN"),
+    (lambda: viz.text_html(["a"], [np.inf]), "relfast.viz.text_html: argument 'scores' holds 1 NaN or infinite"),
+    (lambda: viz.regions_heatmap(np.array([[0, 0, 1, 1]]), [np.nan], (4, 4)), "regions_heatmap: argument 'scores'"),
+    (lambda: viz.regions_heatmap(np.array([[0, 0, np.inf, 1]]), [1.0], (4, 4)), "regions_heatmap: argument 'boxes'"),
+    (lambda: viz.regions_heatmap(np.array([[0, 0, 1, 1]]), [1.0], (0, 4)), "argument 'size' must be (H, W)"),
+    (lambda: viz.overlay(IMAGE, np.zeros((0, 4))), "'heatmap' must be a non-empty 2-D map"),
+    (lambda: viz.overlay(IMAGE, _with(0.0), alpha=1.5), "relfast.viz.overlay: argument 'alpha' must be a number in"),
+    (lambda: viz.overlay(IMAGE, _with(0.0), cmap="no_such_map"), "argument 'cmap' must be the name of a matplotlib"),
+    (lambda: viz.overlay(IMAGE, _with(0.0), value_range=(0.0, np.nan)), "'value_range' must be two finite numbers"),
+    (lambda: viz.save_side_by_side(IMAGE, [], [], "x.png"), "argument 'heatmaps' is empty"),
+    (lambda: viz.save_text_html([(["a"],)], "x.html"), "row 0 is tuple of 1 items"),
+    (lambda: viz.save_detections(IMAGE, np.zeros(3), [], [], "x.png"), "argument 'boxes' must be (K, 4)"),
+])
+def test_bad_values_name_the_entry_point_and_argument(call, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
         call()
