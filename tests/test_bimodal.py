@@ -303,6 +303,12 @@ BAD = {
                                 None, "attention_mask is all zeros"),
     "lxmert float32 features": (models.lxmert, lambda: as_float32(models.lxmert_inputs(2, 0)), {}, None,
                                 "is torch.float32 but the model computes in torch.float64"),
+    "BertModel all-padding sample": (lambda: bert_encoder(), lambda: changed(models.lxmert_inputs(2, 0),
+                                                                              "attention_mask", 1, 0, None, TEXT), {},
+                                     lambda e: first_entry(e), "attention_mask is all zeros"),
+    "CLIPTextModel all-padding text": (lambda: clip_text(), lambda: changed(
+        {k: v for k, v in models.clip_inputs(2, 2, 0).items() if k != "pixel_values"}, "attention_mask", 0, 0), {},
+        lambda e: first_entry(e), "attention_mask is all zeros"),
     "detr all-zero pixel mask": (models.detr, lambda: {**models.detr_inputs(2, 0),
                                                        "pixel_mask": torch.tensor([1, 0])[:, None, None].expand(
                                                            2, 64, 64).clone()}, {}, None,
@@ -312,8 +318,28 @@ BAD = {
 }
 
 
-def changed(inputs, key, row, value, columns=None):
-    """``inputs`` with ``inputs[key][row, columns]`` (all columns: None) set to ``value``."""
+TEXT = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def first_entry(embeddings):
+    return embeddings.reshape(embeddings.shape[0], -1)[:, 0]
+
+
+def bert_encoder():
+    config = transformers.BertConfig(vocab_size=models.VOCAB, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=16)
+    torch.manual_seed(0)
+    return transformers.BertModel(config).double().eval()
+
+
+def clip_text():
+    return transformers.CLIPTextModel(models.clip().config.text_config).double().eval()
+
+
+def changed(inputs, key, row, value, columns=None, keep=None):
+    """``inputs`` with ``inputs[key][row, columns]`` (all columns: None) set to ``value``; only the
+    keys in ``keep`` (all: None)."""
+    inputs = {k: v for k, v in inputs.items() if keep is None or k in keep}
     inputs[key] = inputs[key].clone()
     inputs[key][row, slice(None) if columns is None else columns] = value
     return inputs
