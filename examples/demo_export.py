@@ -37,8 +37,11 @@ def main(out_dir="out"):
     # the served (4, 8, 8) patch maps, upsampled as Explanation.image_map does
     maps = explainer.layout.to_pixels(torch.from_numpy(session.image_map(relevance)), normalize=False)
     for i in range(len(images)):
-        predicted = CLASSES[int(logits[i].argmax())]
-        target = relfast.viz.save_side_by_side(images[i], [maps[i]], [f"served: {predicted}"], out / f"served_{i}.png")
+        best = int(logits[i].argmax())
+        predicted = CLASSES[best]
+        title = f"served: {predicted} (predicted, logit {float(logits[i, best]):.1f})"
+        target = relfast.viz.save_side_by_side(images[i], [maps[i]], [title], out / f"served_{i}.png",
+                                               label="relevance, unitless")
         print(f"{target}: true class {CLASSES[int(labels[i])]}, served prediction {predicted}")
 
 

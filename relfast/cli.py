@@ -32,6 +32,8 @@ against the explanation, alternating them for ``--seconds`` (at least 3 calls ea
 warm-up each), with a progress bar; it prints each one's median latency and throughput, their
 ratio, and the peak memory of one explanation call above the memory before it.
 """
+from __future__ import annotations  # annotations name torch types without importing torch
+
 import argparse
 import json
 import math
@@ -42,7 +44,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional, Union
 
-import torch
+# torch, transformers and the kernels load in the subcommands that use them: --help and flag
+# mistakes answer without them (benchmarks/bench_cli_startup.py). The method names are copied
+# here for the same reason; tests/test_cli.py checks them against relfast's own lists.
+METHODS = ("generic", "rollout", "raw_attention", "attn_gradcam", "transformer_attribution", "partial_lrp", "lrp")
+EXPORTABLE_METHODS = ("generic", "rollout", "raw_attention", "attn_gradcam", "transformer_attribution")
+EVAL_REFERENCES = ("random", "occlusion")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -93,7 +100,9 @@ def _load_checkpoint(path: Optional[str]):
 def _read_image(path: Path, size: int):
     """(3, size, size) float in [0, 1], and the image's own (height, width)."""
     import matplotlib.pyplot as plt
+    import torch
 
+    _refuse_figure(path)
     try:
         pixels = torch.as_tensor(plt.imread(path)).float()
     except Exception as error:  # matplotlib/PIL raise several types for unreadable files
@@ -117,6 +126,16 @@ def _as_cli_error(prefix: str = "", errors=(ValueError,)):
         _fail(prefix + (str(error) if not prefix else _first_line(error)))
 
 
+def _refuse_figure(path: Path) -> None:
+    """A PNG relfast.viz wrote (a figure of panels, much larger than the model's input and of
+    another aspect) is refused: explaining it squashed to the model's size means nothing."""
+    from relfast.viz import is_relfast_figure
+
+    if is_relfast_figure(path):
+        _fail(f"--image {path} is a figure relfast wrote (an explanation, not an input image); give the image that "
+              "was explained (the demo writes its raw inputs to out/samples/)")
+
+
 def _targets(spec: Optional[str], num_classes: int, tokens: bool = False) -> Union[None, int, List[int]]:
     """``--target`` as the Explainer's ``target`` argument (one class, or K classes for the sample:
     one map each), checked against the model's outputs (``tokens``: a causal LM's vocabulary)
@@ -128,6 +147,8 @@ def _targets(spec: Optional[str], num_classes: int, tokens: bool = False) -> Uni
     except ValueError:
         _fail(f"--target must be {'token ids like 464 or 464,262' if tokens else 'class indices like 3 or 0,2'}, "
               f"got {spec!r}")
+    import torch
+
     from relfast.explain.targets import check_class_range
 
     with _as_cli_error():
@@ -163,6 +184,14 @@ def explain_images(args) -> None:
     paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if source.is_dir() else [source]
     if not paths:
         _fail(f"--image folder {source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if source.is_dir():
+        figures = [p for p in paths if relfast.viz.is_relfast_figure(p)]
+        paths = [p for p in paths if p not in figures]
+        if figures and not paths:
+            _fail(f"--image folder {source} holds only figures relfast wrote ({len(figures)}), no input images "
+                  "(the demo writes its raw inputs to out/samples/)")
+        if figures and not args.quiet:
+            print(f"note: skipping {len(figures)} figure(s) relfast wrote in {source} (explanations, not inputs)")
     if args.model is not None and not Path(args.model).is_file():
         _fail(f"--model {args.model} {'is not a checkpoint file' if Path(args.model).exists() else 'does not exist'}")
     model = _load_checkpoint(args.model)
@@ -176,17 +205,23 @@ def explain_images(args) -> None:
         out.mkdir(parents=True, exist_ok=True)
     for path in tqdm(paths, desc="explaining", unit="image", disable=len(paths) == 1 or args.quiet):
         image, original = _read_image(path, size)
-        if original != (size, size) and not args.quiet:
+        aspect = max(original) / min(original)
+        if aspect > 1.5:  # squashed to a square, its objects no longer look like what the model learnt
+            tqdm.write(f"warning: {path} is {original[1]}x{original[0]} px, {aspect:.1f} times wider than high or "
+                       f"the reverse; squashed to the model's {size}x{size}, the explanation may mean little (crop "
+                       "it to a square first)", file=sys.stderr)
+        elif original != (size, size) and not args.quiet:
             tqdm.write(f"note: {path} is {original[1]}x{original[0]} px; resized to the model's {size}x{size} "
                        "(the aspect is not kept)")
         explanation = explainer(normalize(image)[None], target=targets)
-        # one colour scale for the classes of an image (not min-max per map), with the logit shown
+        # each class's map on its own colour scale and colour bar, in relevance units, with the logit shown
         maps = explanation.image_map(upsample=True, normalize=False)[0]
         chosen = explanation.target[0].view(-1).tolist()
         destination = out / f"{path.stem}.png" if source.is_dir() else out
         logits = explanation.logits[0]
         titles = [f"{names[c]} (logit {float(logits[c]):.2f})" for c in chosen]
-        relfast.viz.save_side_by_side(image, list(maps.reshape(-1, *maps.shape[-2:])), titles, destination)
+        relfast.viz.save_side_by_side(image, list(maps.reshape(-1, *maps.shape[-2:])), titles, destination,
+                                      label="relevance, unitless")
         if not args.quiet:
             predicted = names[int(explanation.logits[0].argmax())]
             tqdm.write(f"{path} -> {destination} (predicted {predicted}; explained {', '.join(names[c] for c in chosen)})")
@@ -213,6 +248,7 @@ def _read_rgb(path: Path):
 
     if not path.is_file():
         _fail(f"--image {path} is not an image file")
+    _refuse_figure(path)
     try:
         with Image.open(path) as image:
             return np.array(image.convert("RGB"))  # a writable copy, as torch.from_numpy wants
@@ -262,6 +298,7 @@ def explain_image_text(args) -> None:
 def explain_detections(args) -> None:
     """DETR: the confident detections (class probability > 0.5, else the best query), each with
     its query's image map."""
+    import torch
     from transformers import DetrForObjectDetection
 
     import relfast
@@ -450,6 +487,8 @@ def _model_kind(spec: Optional[str], command: str) -> str:
 
 def _text_ids(batch: int, length: int, vocab: int, g, end: Optional[int] = None):
     """Random token ids; ``end``: an id kept out of the text and put last (CLIP's end token)."""
+    import torch
+
     if end is None:
         return torch.randint(0, vocab, (batch, length), generator=g)
     ids = torch.randint(0, vocab - 1, (batch, length), generator=g)
@@ -472,6 +511,8 @@ def _detr_size(folder: Path) -> int:
 def _load_model_and_inputs(spec: Optional[str], command: str = "bench"):
     """(model in eval mode, kind, make_inputs(batch, seed, length=None)) for --model of export and
     bench: random inputs of the model's kind (text: ``length`` tokens, default 8-16)."""
+    import torch
+
     from relfast.explain.families.base import pair
 
     kind = _model_kind(spec, command)
@@ -556,6 +597,7 @@ def export_model(args) -> None:
     import time
 
     import numpy as np
+    import torch
 
     import relfast
     import relfast.export
@@ -633,6 +675,8 @@ def _check_bench_args(args) -> None:
         _fail(f"--batch must be >= 1, got {args.batch}")
     if not (math.isfinite(args.seconds) and args.seconds > 0):
         _fail(f"--seconds must be a positive number of seconds, got {args.seconds:g}")
+    import torch
+
     if args.device == "cuda" and not torch.cuda.is_available():
         _fail("--device cuda: no CUDA GPU is available here (torch.cuda.is_available() is False)")
     if args.model is not None:
@@ -647,6 +691,8 @@ def _check_bench_args(args) -> None:
 
 
 def _synchronize(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
         torch.cuda.synchronize(device)
 
@@ -672,6 +718,10 @@ def _proc_status_kib(field: str) -> int:
 
 def _peak_mib(call, device: torch.device) -> Optional[float]:
     """The peak memory of one call above the memory before it (MiB); None where it cannot be read."""
+    import ctypes
+
+    import torch
+
     if device.type == "cuda":
         _synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -680,9 +730,12 @@ def _peak_mib(call, device: torch.device) -> Optional[float]:
         _synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     try:
+        # The earlier calls' freed memory stays resident in glibc's heap and this call would reuse
+        # it unseen (the peak read 0.0 MiB): hand it back to the system first.
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set, to VmRSS
         before = _proc_status_kib("VmRSS")
-    except (OSError, AttributeError):  # no /proc (not Linux), or no VmRSS line in it
+    except (OSError, AttributeError):  # not glibc on Linux, no /proc, or no VmRSS line in it
         return None
     call()
     return (_proc_status_kib("VmHWM") - before) / 1024
@@ -693,6 +746,7 @@ def bench_model(args) -> None:
     import statistics
     import time
 
+    import torch
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
 
@@ -772,8 +826,6 @@ def bench_model(args) -> None:
 def evaluate_methods(args) -> None:
     """Every method named on held-out data: the table on stdout, results.csv and curves.png in
     --out (with --data all: one subfolder per data set)."""
-    from relfast.eval import table
-
     unknown = [m for m in args.methods if m not in _eval_methods()]
     if unknown:
         _fail(f"--methods: unknown method(s) {', '.join(unknown)}; choose among {', '.join(_eval_methods())}")
@@ -788,6 +840,8 @@ def evaluate_methods(args) -> None:
         _fail("--test segmentation needs object masks, which the digits have not; use --data shapes")
     if args.data in ("sentiment", "all") and args.model is not None:
         _fail(f"--model does not apply to --data {args.data} (the shipped models are evaluated)")
+    from relfast.eval import table  # torch: after the flags are checked
+
     names = list(table.SUITES) if args.data == "all" else [args.data]
     from relfast.data.digits import TRAIN_SIZE
 
@@ -832,10 +886,7 @@ def _require_eval(data: str, names: List[str], test: str) -> None:
 
 
 def _eval_methods() -> List[str]:
-    from relfast.eval.table import REFERENCES
-    from relfast.explain import METHODS
-
-    return list(METHODS) + list(REFERENCES)
+    return list(METHODS) + list(EVAL_REFERENCES)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -895,13 +946,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "eval":
         return evaluate_methods(args)
-    from relfast.explain import METHODS
-
     if args.method not in METHODS:
         _fail(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
     if args.command == "export":
-        from relfast.export.graph import EXPORTABLE_METHODS
-
         if args.method not in EXPORTABLE_METHODS:
             _fail(f"--method {args.method} is not exportable yet; exportable: {', '.join(EXPORTABLE_METHODS)}")
     _require("transformers", "transformers", f"relfast {args.command}")  # the models it runs are HF ones

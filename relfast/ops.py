@@ -16,6 +16,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from . import _C  # noqa: F401  (loading the library registers the relfast:: operators)
+
 __all__ = [
     "head_mean_grad_attn",
     "relevance_update",

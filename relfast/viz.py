@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["overlay", "save_overlay", "save_side_by_side", "text_html", "save_text_html", "regions_heatmap",
+__all__ = ["overlay", "save_overlay", "save_side_by_side", "side_by_side_figure", "is_relfast_figure", "text_html", "save_text_html", "regions_heatmap",
            "save_text_and_image", "save_detections"]
 
 ArrayLike = Union[Tensor, np.ndarray]
@@ -124,26 +124,79 @@ def save_overlay(image: ArrayLike, heatmap: ArrayLike, path: Union[str, Path], a
     img = _image_hwc(image, where)
     blended = _blend(img, _resized_map(heatmap, img.shape[:2], where), alpha, cmap)
     path = Path(path)
-    plt.imsave(path, np.clip(blended, 0, 1))
+    plt.imsave(path, np.clip(blended, 0, 1), metadata=_mark(path, "save_overlay"))
     return path
 
 
 def save_side_by_side(image: ArrayLike, heatmaps: Sequence[ArrayLike], titles: Sequence[str], path: Union[str, Path],
-                      alpha: float = 0.5, cmap: str = DEFAULT_CMAP, shared_scale: bool = True) -> Path:
-    """The input image next to one overlay per heatmap (e.g. two classes, as in the papers'
-    figures), with a colour bar, as one PNG.
+                      alpha: float = 0.6, cmap: str = DEFAULT_CMAP, shared_scale: bool = False,
+                      label: str = "relevance") -> Path:
+    """The input image next to one heatmap panel per map (e.g. two classes, as in the papers'
+    figures), each with a colour bar in the maps' own units (``label``), as one PNG.
 
-    ``shared_scale``: one colour scale for all maps (their joint min and max), so a class the
-    model barely sees does not look as hot as the predicted one; False scales each map alone.
-    A map that is constant (e.g. all zero) is drawn flat and says so in its title.
+    ``shared_scale``: False (default) gives each map its own colour scale (its min to its max), so
+    each panel shows where that map is highest whatever its size: maps of different classes can
+    differ by orders of magnitude and one scale would leave the smaller one blank. True puts all
+    maps on one scale (their joint min and max) and one colour bar, to compare magnitudes.
+    The heat is drawn over a grey copy of the input, opaque where the map is high and clear where
+    it is low, so that red, orange or yellow objects are not read as heat. A map that is constant
+    (e.g. all zero) is drawn flat and says so in its title. See :func:`side_by_side_figure`.
     """
+    import matplotlib.pyplot as plt
+
+    figure = side_by_side_figure(image, heatmaps, titles, alpha, cmap, shared_scale, label,
+                                 where="relfast.viz.save_side_by_side")
+    path = Path(path)
+    _save(figure, path, "save_side_by_side")
+    plt.close(figure)
+    return path
+
+
+# Written into every PNG relfast.viz saves: the CLI refuses these files as inputs to explain.
+FIGURE_MARK = "relfast-figure"
+
+
+def _mark(path: Path, what: str) -> Optional[dict]:
+    """The PNG text chunk that marks our figures (other formats take no such metadata)."""
+    return {"Software": f"{FIGURE_MARK} (relfast.viz.{what})"} if path.suffix.lower() == ".png" else None
+
+
+def _save(figure, path: Path, what: str) -> None:
+    figure.savefig(path, dpi=100, metadata=_mark(path, what))
+
+
+def is_relfast_figure(path: Union[str, Path]) -> bool:
+    """Whether ``path`` is a PNG written by relfast.viz (a picture of an explanation, not an input)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as picture:
+            return FIGURE_MARK in str(picture.info.get("Software", ""))
+    except Exception:  # not an image PIL reads: not one of ours either
+        return False
+
+
+def _grey_under_heat(img: np.ndarray, scaled: np.ndarray, alpha: float, cmap: str) -> np.ndarray:
+    """The heat (``scaled`` in [0, 1]) over a grey, dimmed copy of the image, its opacity rising
+    with the heat (up to ``alpha``): the image's colours cannot pass for heat."""
+    from matplotlib import colormaps
+
+    grey = 0.15 + 0.6 * (img @ np.array([0.299, 0.587, 0.114]))[..., None]
+    opacity = alpha * (0.25 + 0.75 * scaled)[..., None]
+    return (1 - opacity) * grey + opacity * colormaps[cmap](scaled)[..., :3]
+
+
+def side_by_side_figure(image: ArrayLike, heatmaps: Sequence[ArrayLike], titles: Sequence[str], alpha: float = 0.6,
+                        cmap: str = DEFAULT_CMAP, shared_scale: bool = False, label: str = "relevance",
+                        where: str = "relfast.viz.side_by_side_figure"):
+    """:func:`save_side_by_side` as a matplotlib Figure (for notebooks); axes 0 is the input,
+    axes 1..K the maps' panels."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from matplotlib import cm, colors
 
-    where = "relfast.viz.save_side_by_side"
     if len(heatmaps) != len(titles):
         raise ValueError(f"{where}: {len(heatmaps)} heatmaps but {len(titles)} titles")
     if not len(heatmaps):
@@ -151,27 +204,31 @@ def save_side_by_side(image: ArrayLike, heatmaps: Sequence[ArrayLike], titles: S
     _check_style(alpha, cmap, where)
     img = _image_hwc(image, where)
     maps = [_resized_map(h, img.shape[:2], where, f"heatmaps[{k}]") for k, h in enumerate(heatmaps)]
-    joint = (min(m.min() for m in maps), max(m.max() for m in maps)) if shared_scale and maps else None
+    joint = (min(m.min() for m in maps), max(m.max() for m in maps)) if shared_scale else None
     panels = len(maps) + 1
-    figure = plt.figure(figsize=(2.8 * panels + 0.9, 3.4), layout="constrained")  # room for titles and the bar
+    width = 2.8 * panels + (0.9 if shared_scale else 0.8 * len(maps))  # room for the colour bars
+    figure = plt.figure(figsize=(width, 3.6), layout="constrained")
     axes = figure.subplots(1, panels)
     axes[0].imshow(img)
-    axes[0].set_title("input")
+    axes[0].set_title("input", fontsize=10)
     for axis, heat, title in zip(axes[1:], maps, titles):
-        scale = joint if joint is not None else (heat.min(), heat.max())
-        axis.imshow(np.clip(_blend(img, heat, alpha, cmap, scale), 0, 1))
+        low, high = joint if joint is not None else (heat.min(), heat.max())
+        axis.imshow(np.clip(_grey_under_heat(img, _scaled(heat, (low, high)), alpha, cmap), 0, 1))
         flat = heat.max() == heat.min()
         axis.set_title(f"{title}\n(flat map: {heat.max():.3g} everywhere)" if flat else title, fontsize=10)
+        if joint is None:
+            bar = figure.colorbar(cm.ScalarMappable(colors.Normalize(low, high if high > low else low + 1), cmap),
+                                  ax=axis, shrink=0.8, pad=0.02)
+            bar.set_label(f"{label} (this map's own scale)", fontsize=8)
+            bar.ax.tick_params(labelsize=7)
     for axis in axes:
         axis.axis("off")
-    low, high = joint if joint is not None else (0.0, 1.0)
-    bar = figure.colorbar(cm.ScalarMappable(colors.Normalize(low, high if high > low else low + 1), cmap), ax=axes[1:],
-                          shrink=0.8, pad=0.02)
-    bar.set_label("relevance" if joint is not None else "relevance (each map scaled alone)")
-    path = Path(path)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    if joint is not None:
+        low, high = joint
+        bar = figure.colorbar(cm.ScalarMappable(colors.Normalize(low, high if high > low else low + 1), cmap),
+                              ax=axes[1:], shrink=0.8, pad=0.02)
+        bar.set_label(f"{label} (one scale for all maps)")
+    return figure
 
 
 def text_html(tokens: Sequence[str], scores: ArrayLike, title: Optional[str] = None) -> str:
@@ -279,7 +336,7 @@ def save_text_and_image(image: ArrayLike, heatmap: ArrayLike, tokens: Sequence[s
         axis.axis("off")
     _token_panel(axes[2], list(tokens), values, title or "text relevance")
     path = Path(path)
-    figure.savefig(path, dpi=100)
+    _save(figure, path, "save_text_and_image")
     plt.close(figure)
     return path
 
@@ -327,6 +384,6 @@ def save_detections(image: ArrayLike, boxes: ArrayLike, heatmaps: Sequence[Array
     for axis in axes:
         axis.axis("off")
     path = Path(path)
-    figure.savefig(path, dpi=100)
+    _save(figure, path, "save_detections")
     plt.close(figure)
     return path

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import relfast
+import relfast.ops  # registers torch.ops.relfast
 
 
 def test_ops_are_registered():

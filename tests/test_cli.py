@@ -255,3 +255,94 @@ def test_export_a_causal_lm_folder(causal_lm_folder, tmp_path, capsys, monkeypat
                                               "--out", str(tmp_path / "lm.onnx"))
     assert code == 0, stderr[-3000:]
     assert (tmp_path / "lm.onnx").is_file() and "(ok)" in stdout, stdout
+
+
+def test_the_clis_method_lists_are_relfasts():
+    # the CLI copies them to answer --method mistakes without importing torch
+    from relfast import cli
+    from relfast.eval.table import REFERENCES
+    from relfast.explain import METHODS
+    from relfast.export.graph import EXPORTABLE_METHODS
+
+    assert cli.METHODS == tuple(METHODS)
+    assert cli.EXPORTABLE_METHODS == tuple(EXPORTABLE_METHODS)
+    assert cli.EVAL_REFERENCES == tuple(REFERENCES)
+
+
+def test_help_and_flag_mistakes_do_not_import_torch():
+    # torch made unimportable: relfast falls back to its runtime-only mode, and the CLI must still
+    # print its help and its one-line errors (what a user pays for at each start)
+    script = """
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch.") or name == "transformers":
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, NoTorch())
+from relfast import cli
+for argv in (["--help"], ["explain", "--image", "x.png", "--method", "bogus", "--out", "y.png"],
+             ["export", "--method", "lrp", "--out", "y.onnx"], ["eval", "--methods", "bogus", "--out", "o"]):
+    try:
+        cli.main(argv)
+    except SystemExit as done:
+        print("exit", done.code)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.count("exit 0") == 1 and result.stdout.count("exit 2") == 3, result.stdout + result.stderr
+    assert "usage: relfast" in result.stdout
+    assert "--method must be one of generic" in result.stderr
+    assert "--method lrp is not exportable yet" in result.stderr
+    assert "unknown method(s) bogus" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_relfast_figure_is_refused_as_an_input(images, tmp_path):
+    folder, _ = images
+    figure = tmp_path / "figure.png"
+    assert run("explain", "--image", str(folder / "img0.png"), "--out", str(figure)).returncode == 0
+    result = run("explain", "--image", str(figure), "--out", str(tmp_path / "again.png"))
+    assert result.returncode == 2 and "is a figure relfast wrote" in result.stderr, result.stderr
+    assert not (tmp_path / "again.png").exists()
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    figure.rename(figures / "figure.png")
+    result = run("explain", "--image", str(figures), "--out", str(tmp_path / "maps"))
+    assert result.returncode == 2 and "holds only figures relfast wrote (1)" in result.stderr, result.stderr
+
+
+def test_a_folder_skips_relfast_figures_and_explains_the_images(images, tmp_path):
+    folder, _ = images
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "img0.png").write_bytes((folder / "img0.png").read_bytes())
+    assert run("explain", "--image", str(folder / "img1.png"), "--out", str(mixed / "figure.png")).returncode == 0
+    result = run("explain", "--image", str(mixed), "--out", str(tmp_path / "maps"))
+    assert result.returncode == 0, result.stderr
+    assert "skipping 1 figure(s)" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["img0.png"]
+
+
+def test_a_wide_image_is_explained_with_a_warning(tmp_path):
+    wide = tmp_path / "wide.png"
+    plt.imsave(wide, np.random.rand(40, 120, 3))
+    result = run("explain", "--image", str(wide), "--out", str(tmp_path / "heat.png"))
+    assert result.returncode == 0, result.stderr
+    assert "warning:" in result.stderr and "120x40 px" in result.stderr
+
+
+def test_bench_peak_memory_sees_memory_a_call_allocates():
+    # 64 MiB written inside the call: the figure must show it even after earlier calls of the same
+    # size (their freed memory stays in the allocator, which read 0.0 MiB before)
+    import torch
+
+    from relfast.cli import _peak_mib
+
+    def call():
+        torch.ones(16 * 2**20).sum()
+
+    for _ in range(3):
+        call()
+    peak = _peak_mib(call, torch.device("cpu"))
+    if peak is None:
+        pytest.skip("no glibc /proc memory figures here")
+    assert peak >= 60, peak

@@ -165,8 +165,13 @@ def test_mistakes_fail_with_one_line(files, capsys, monkeypatch, case):
 def test_an_image_of_another_size_is_said_to_be_resized(files, capsys, tmp_path):
     code, out, err = run_cli(capsys, ["explain", "--image", str(files / "wide.png"), "--out", str(tmp_path / "h.png")])
     assert code == 0, err
-    assert "is 90x40 px; resized to the model's 64x64" in out
+    # 2.25 times wider than high: squashed to a square, so a warning (stderr), not a note
+    assert "warning:" in err and "is 90x40 px" in err and "squashed to the model's 64x64" in err
     assert (tmp_path / "h.png").is_file()
+    square = tmp_path / "square.png"
+    plt.imsave(square, torch.rand(80, 80, 3).numpy())
+    code, out, err = run_cli(capsys, ["explain", "--image", str(square), "--out", str(tmp_path / "s.png")])
+    assert code == 0 and "is 80x80 px; resized to the model's 64x64" in out and "warning" not in err
 
 
 def test_text_classifier_with_two_targets_explains_both(tmp_path, capsys):

@@ -176,3 +176,58 @@ def test_writers_refuse_non_finite_values_before_writing(tmp_path, case):
 def test_bad_values_name_the_entry_point_and_argument(call, words):
     with pytest.raises(ValueError, match=re.escape(words)):
         call()
+
+
+def _panel_pixels(figure, k):
+    return np.asarray(figure.axes[k].get_images()[0].get_array(), dtype=np.float64)
+
+
+def test_side_by_side_gives_each_map_its_own_scale_by_default():
+    # a map 20 times smaller than the other (the predicted class beside a counterfactual) must not
+    # be drawn nearly blank: each panel its own scale and colour bar, in the maps' units
+    image = np.full((32, 32, 3), 0.5)  # flat: the panels' variation is the heat's alone
+    blob = np.exp(-((np.arange(32)[:, None] - 10) ** 2 + (np.arange(32)[None] - 20) ** 2) / 30.0)
+    small, large = 0.001 * blob, 0.02 * blob[::-1]
+    own = viz.side_by_side_figure(image, [small, large], ["small", "large"], label="relevance, unitless")
+    shared = viz.side_by_side_figure(image, [small, large], ["small", "large"], shared_scale=True)
+    try:
+        assert _panel_pixels(own, 1).std() > 3 * _panel_pixels(shared, 1).std()
+        assert _panel_pixels(own, 1).std() == pytest.approx(_panel_pixels(own, 2).std(), rel=0.05)
+        images = [a.get_images() for a in own.axes]
+        bars = [a for a, i in zip(own.axes, images) if not i and a.get_ylabel()]
+        assert len(bars) == 2 and all("own scale" in b.get_ylabel() and "unitless" in b.get_ylabel() for b in bars)
+        limits = sorted(b.get_ylim()[1] for b in bars)
+        assert limits == pytest.approx([small.max(), large.max()], rel=1e-3)
+        shared_bars = [a for a in shared.axes if not a.get_images() and a.get_ylabel()]
+        assert len(shared_bars) == 1 and "one scale for all maps" in shared_bars[0].get_ylabel()
+    finally:
+        plt.close(own)
+        plt.close(shared)
+
+
+def test_side_by_side_heat_does_not_take_the_objects_colour():
+    # a saturated yellow object where the map is zero stays grey in the panel: only heat is coloured
+    image = np.zeros((32, 32, 3))
+    image[8:24, 8:24] = (1.0, 0.9, 0.1)
+    heat = np.zeros((32, 32))
+    heat[0:6, 0:6] = 1.0
+    figure = viz.side_by_side_figure(image, [heat], ["m"])
+    try:
+        panel = _panel_pixels(figure, 1)
+        inside = panel[16, 16]
+        assert np.ptp(inside) < 0.02, inside  # grey: no channel stands out
+        assert np.ptp(panel[2, 2]) > 0.2  # the heat is coloured
+    finally:
+        plt.close(figure)
+
+
+def test_saved_figures_are_marked_and_inputs_are_not(tmp_path):
+    image = np.random.rand(16, 16, 3)
+    plain = tmp_path / "input.png"
+    plt.imsave(plain, image)
+    saved = [viz.save_side_by_side(image, [np.random.rand(4, 4)], ["a"], tmp_path / "a.png"),
+             viz.save_overlay(image, np.random.rand(4, 4), tmp_path / "b.png"),
+             viz.save_text_and_image(image, np.random.rand(4, 4), ["a"], [1.0], tmp_path / "c.png")]
+    assert all(viz.is_relfast_figure(p) for p in saved)
+    assert not viz.is_relfast_figure(plain)
+    assert not viz.is_relfast_figure(tmp_path / "missing.png")
