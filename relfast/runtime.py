@@ -24,6 +24,32 @@ METADATA_KEY = "relfast"
 MAX_ABS_FLOAT_INPUT = 1e6
 _NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64, "int32": np.int32,
                  "int64": np.int64}
+# Text inputs whose values index one of the model's embedding tables (out of range, the runtime
+# fails inside with an indexing error): name -> (spec key of the table's size, message formatted
+# with the value, the size and the size again). The messages say what the eager explainer says, and
+# relfast.export.to_torchscript builds its file's checks from these, so every entry point refuses
+# the same values with the same words.
+INDEX_INPUTS = {
+    "input_ids": ("vocab_size", "holds token id {}, outside the model's vocabulary [0, {})"),
+    "token_type_ids": ("type_vocab_size", "holds {}, outside the model's {} token types [0, {})"),
+    "position_ids": ("max_positions", "holds {}, outside the model's {} positions [0, {})"),
+}
+# Padding masks: 0 = padding, 1 = a real token (other values would weight tokens), and at least one
+# real token per sample (an all-padding sample has nothing to explain). Messages: the odd value; the sample.
+MASK_INPUTS = ("attention_mask",)
+MASK_VALUES_MESSAGE = "must hold only 0 (padding) and 1 (real), got {}"
+MASK_EMPTY_MESSAGE = "is all zeros for sample {}; every sample needs at least one real token"
+SEQUENCE_MESSAGE = "holds sequences of {} tokens; the model has {} positions"
+
+
+def index_limits(spec: Dict[str, Any]) -> Dict[str, Tuple[int, str]]:
+    """The index inputs of an exported file with a known table: name -> (table size, message)."""
+    limits = {}
+    for name, (key, message) in INDEX_INPUTS.items():
+        size = spec.get(key)
+        if size and name in [entry["name"] for entry in spec["inputs"]]:
+            limits[name] = (int(size), message)
+    return limits
 
 
 def default_providers() -> List[str]:
@@ -83,6 +109,7 @@ class OnnxExplainer:
             self.spec: Dict[str, Any] = json.loads(stored)
             self.input_names = [entry["name"] for entry in self.spec["inputs"]]
             int(self.spec["num_classes"])
+            self._index_limits = index_limits(self.spec)
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{where}: the '{METADATA_KEY}' metadata of {path} is damaged ({type(error).__name__}: "
                              f"{error}); export the model again with relfast.export.to_onnx") from None
@@ -184,12 +211,20 @@ class OnnxExplainer:
                                  "larger ones overflow inside the model)")
         positions = self.spec.get("max_positions")
         if name == "input_ids" and positions and value.ndim == 2 and value.shape[1] > positions:
-            raise ValueError(f"{where} holds sequences of {value.shape[1]} tokens; the exported model has {positions} "
-                             "positions")
-        vocab = self.spec.get("vocab_size")
-        if name == "input_ids" and vocab and value.size and (value.min() < 0 or value.max() >= vocab):
-            bad = value.min() if value.min() < 0 else value.max()
-            raise ValueError(f"{where} holds token id {bad}, out of range for a vocabulary of {vocab}")
+            raise ValueError(f"{where} " + SEQUENCE_MESSAGE.format(value.shape[1], positions))
+        if name in self._index_limits and value.size:
+            size, message = self._index_limits[name]
+            low, high = int(value.min()), int(value.max())
+            if low < 0 or high >= size:
+                raise ValueError(f"{where} " + message.format(low if low < 0 else high, size, size))
+        if name in MASK_INPUTS and value.ndim == 2 and value.size:
+            if value.dtype != np.bool_:
+                odd = value[(value != 0) & (value != 1)]
+                if odd.size:
+                    raise ValueError(f"{where} " + MASK_VALUES_MESSAGE.format(odd[0].item()))
+            empty = np.flatnonzero(~value.astype(bool).any(axis=1))
+            if empty.size:
+                raise ValueError(f"{where} " + MASK_EMPTY_MESSAGE.format(int(empty[0])))
         return np.ascontiguousarray(value)
 
     def _is_image(self, entry: Dict[str, Any]) -> bool:

@@ -1,5 +1,7 @@
 """relfast.export.to_onnx / to_torchscript: every bad argument gets a ValueError naming it, before
 any tracing (the model's forward never runs) and without writing a file."""
+import logging
+
 import pytest
 import torch
 
@@ -45,6 +47,13 @@ CASES = {
     "example token ids": ("to_onnx", text_explainer, {"input_ids": torch.full((1, 6), VOCAB),
                                                       "attention_mask": torch.ones(1, 6, dtype=torch.long)},
                           "m.onnx", {}, ["'example_inputs'", f"token id {VOCAB}, outside the model's vocabulary"]),
+    "example all-padding text": ("to_torchscript", text_explainer,
+                                 {"input_ids": torch.ones(2, 6, dtype=torch.long),
+                                  "attention_mask": torch.tensor([[1] * 6, [0] * 6])}, "m.pt", {},
+                                 ["'example_inputs'", "every sample needs at least one real token"]),
+    "example token type": ("to_onnx", text_explainer, {**text_batch(1, 6, seed=0),
+                                                       "token_type_ids": torch.full((1, 6), 2)}, "m.onnx", {},
+                           ["'example_inputs'", "token_type_ids", "2 token types"]),
     "example batches differ": ("to_onnx", text_explainer, {"input_ids": torch.ones(2, 6, dtype=torch.long),
                                                            "attention_mask": torch.ones(3, 6, dtype=torch.long)},
                                "m.onnx", {}, ["'example_inputs'", "same non-empty batch"]),
@@ -97,13 +106,18 @@ def test_bad_export_argument_is_named_before_any_work(case, tmp_path):
     assert list(tmp_path.iterdir()) == [], "a file was written"
 
 
-def test_a_good_export_runs_the_model_and_writes_the_file(tmp_path):
-    """The counterpart of the table: the same counter and folder see the work when there is no error."""
+def test_a_good_export_runs_the_model_and_writes_the_file(tmp_path, caplog):
+    """The counterpart of the table: the same counter and folder see the work when there is no error;
+    and the export logs no warning (onnx_ir's "Attribute type is ambiguous ... Defaulted to INTS" for
+    relfast's one-hot rows is silenced for the export only)."""
     explainer = image_explainer()
     forwards = []
     hook = explainer.model.register_forward_pre_hook(lambda *args: forwards.append(1))
     try:
-        path = relfast.export.to_onnx(explainer, PIXELS, tmp_path / "sub" / "m.onnx", check=False)
+        with caplog.at_level(logging.WARNING):
+            path = relfast.export.to_onnx(explainer, PIXELS, tmp_path / "sub" / "m.onnx", check=False)
     finally:
         hook.remove()
     assert forwards and path.is_file() and path.parent.name == "sub"
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
+    assert logging.getLogger("onnx_ir._convenience").filters == [], "the filter outlived the export"

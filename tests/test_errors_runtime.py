@@ -22,6 +22,20 @@ CPU = ["CPUExecutionProvider"]
 GOOD = np.zeros((2, 3, 64, 64), np.float32)
 IDS = np.ones((2, 6), np.int64)
 MASK = np.ones((2, 6), np.int64)
+TYPES = np.zeros((2, 6), np.int64)
+POSITIONS = np.tile(np.arange(6), (2, 1))
+TEXT = {"input_ids": IDS, "attention_mask": MASK, "token_type_ids": TYPES, "position_ids": POSITIONS}
+
+
+def text_with(**changes):
+    """The good text inputs, in the exported signature's order, with some replaced."""
+    return {**TEXT, **changes}
+
+
+def mask_with(row, col, value):
+    mask = MASK.copy()
+    mask[row, col] = value
+    return mask
 
 
 def pixels_with(value):
@@ -31,9 +45,14 @@ def pixels_with(value):
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    explainer = relfast.Explainer(seeded(bert)(), "generic")  # 60 tokens, 40 positions, 5 classes
-    return relfast.export.to_onnx(explainer, text_batch(1, 6, seed=0), tmp_path_factory.mktemp("text") / "bert.onnx")
+def text_files(tmp_path_factory):
+    """BERT (60 tokens, 40 positions, 2 token types, 5 classes) exported with every text input it takes."""
+    explainer = relfast.Explainer(seeded(bert)(), "generic")
+    example = {**text_batch(1, 6, seed=0), "token_type_ids": torch.zeros(1, 6, dtype=torch.long),
+               "position_ids": torch.arange(6)[None]}
+    folder = tmp_path_factory.mktemp("text")
+    return dict(explainer=explainer, onnx=relfast.export.to_onnx(explainer, example, folder / "bert.onnx"),
+                script=relfast.export.to_torchscript(explainer, example, folder / "bert.pt"))
 
 
 def runtime_that_must_not_run(path):
@@ -48,6 +67,29 @@ def runtime_that_must_not_run(path):
     runtime.session = NotCalled()
     return runtime
 
+
+# Text values every entry point refuses (the eager explainer, the ONNX runtime, the TorchScript file,
+# whose graphs would fail with "index out of range" or explain nonsense): case -> (inputs, the input
+# named, words in every message).
+LONG = {"input_ids": np.ones((1, 41), np.int64), "attention_mask": np.ones((1, 41), np.int64),
+        "token_type_ids": np.zeros((1, 41), np.int64), "position_ids": np.zeros((1, 41), np.int64)}
+TEXT_VALUES = {
+    "token id beyond vocabulary": (text_with(input_ids=np.full((2, 6), VOCAB)), "input_ids",
+                                   f"holds token id {VOCAB}, outside the model's vocabulary [0, {VOCAB})"),
+    "negative token id": (text_with(input_ids=-IDS), "input_ids", "holds token id -1, outside"),
+    "longer than the positions": (LONG, "input_ids", "holds sequences of 41 tokens; the model has 40 positions"),
+    "token type beyond the table": (text_with(token_type_ids=TYPES + 2), "token_type_ids",
+                                    "holds 2, outside the model's 2 token types [0, 2)"),
+    "negative token type": (text_with(token_type_ids=TYPES - 1), "token_type_ids", "holds -1, outside"),
+    "position beyond the learned ones": (text_with(position_ids=POSITIONS + 35), "position_ids",
+                                         "holds 40, outside the model's 40 positions [0, 40)"),
+    "negative position": (text_with(position_ids=POSITIONS - 1), "position_ids", "holds -1, outside"),
+    "mask value 2": (text_with(attention_mask=mask_with(1, 3, 2)), "attention_mask",
+                     "must hold only 0 (padding) and 1 (real), got 2"),
+    "mask value -1": (text_with(attention_mask=mask_with(0, 0, -1)), "attention_mask", "got -1"),
+    "all-padding sample": (text_with(attention_mask=mask_with(1, slice(None), 0)), "attention_mask",
+                           "every sample needs at least one real token"),
+}
 
 # case -> (file, positional inputs, keyword arguments, words in the message)
 ONNX_INPUTS = {
@@ -70,22 +112,25 @@ ONNX_INPUTS = {
     "target shape": ("image", (GOOD,), {"target": np.array([0, 1, 2])}, ["'target' must be an int or have shape (2,)"]),
     "target floats": ("image", (GOOD,), {"target": np.array([0.0, 1.0])}, ["'target' must hold integer class"]),
     "target a bool": ("image", (GOOD,), {"target": True}, ["argument 'target' must be a class index, got a bool"]),
-    "mask shorter": ("text", (IDS, MASK[:, :5]), {}, ["input 'attention_mask' has shape (2, 5), but input "
-                                                      "'input_ids' has sequence size 6"]),
-    "token id beyond vocabulary": ("text", ({"input_ids": np.full((2, 6), VOCAB), "attention_mask": MASK},), {},
-                                   [f"holds token id {VOCAB}, out of range for a vocabulary of {VOCAB}"]),
-    "negative token id": ("text", ({"input_ids": -IDS, "attention_mask": MASK},), {}, ["holds token id -1"]),
-    "longer than the positions": ("text", (np.ones((1, 41), np.int64), np.ones((1, 41), np.int64)), {},
-                                  ["holds sequences of 41 tokens; the exported model has 40 positions"]),
-    "missing mask": ("text", ({"input_ids": IDS},), {}, ["missing ['attention_mask']"]),
-    "int32 ids": ("text", (IDS.astype(np.int32), MASK), {}, ["input 'input_ids' must be int64, got int32"]),
+    "mask shorter": ("text", tuple(text_with(attention_mask=MASK[:, :5]).values()), {},
+                     ["input 'attention_mask' has shape (2, 5), but input 'input_ids' has sequence size 6"]),
+    "missing mask": ("text", ({"input_ids": IDS},), {},
+                     ["missing ['attention_mask', 'token_type_ids', 'position_ids']"]),
+    "int32 ids": ("text", tuple(text_with(input_ids=IDS.astype(np.int32)).values()), {},
+                  ["input 'input_ids' must be int64, got int32"]),
+    "float mask": ("text", (text_with(attention_mask=MASK.astype(np.float32)),), {},
+                   ["input 'attention_mask' must be int64, got float32"]),
+    "all-padding sample, named": ("text", (text_with(attention_mask=mask_with(1, slice(None), 0)),), {},
+                                  ["input 'attention_mask' is all zeros for sample 1"]),
+    **{f"text: {case}": ("text", (inputs,), {}, [f"input '{name}' ", words])
+       for case, (inputs, name, words) in TEXT_VALUES.items()},
 }
 
 
 @pytest.mark.parametrize("case", sorted(ONNX_INPUTS))
-def test_onnx_runtime_refuses_bad_input_before_onnx_runtime_runs(case, default_files, text_file):
+def test_onnx_runtime_refuses_bad_input_before_onnx_runtime_runs(case, default_files, text_files):
     which, args, kwargs, words = ONNX_INPUTS[case]
-    runtime = runtime_that_must_not_run(default_files["onnx"] if which == "image" else text_file)
+    runtime = runtime_that_must_not_run(default_files["onnx"] if which == "image" else text_files["onnx"])
     with pytest.raises(ValueError) as info:
         runtime(*args, **kwargs)
     message = str(info.value)
@@ -94,35 +139,73 @@ def test_onnx_runtime_refuses_bad_input_before_onnx_runtime_runs(case, default_f
         assert word in message, f"{word!r} not in {message!r}"
 
 
-def test_good_text_input_runs(text_file):
-    logits, relevance = OnnxExplainer(text_file, providers=CPU)({"input_ids": IDS, "attention_mask": MASK})
+def test_good_text_input_runs(text_files):
+    """The counterpart of the text cases: padding (zeros in a mask that has a real token) and every
+    index at the end of its table run in both files."""
+    good = text_with(attention_mask=mask_with(0, slice(3, None), 0), input_ids=IDS * (VOCAB - 1),
+                     token_type_ids=TYPES + np.array([0, 1])[:, None], position_ids=POSITIONS + 34)
+    logits, relevance = OnnxExplainer(text_files["onnx"], providers=CPU)(good)
     assert logits.shape == (2, 5) and relevance.shape == (2, 6)
+    script = torch.jit.load(str(text_files["script"]))
+    script_logits, script_relevance, _ = script(*[torch.from_numpy(v) for v in good.values()])
+    np.testing.assert_allclose(script_logits.numpy(), logits, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(script_relevance.numpy(), relevance, rtol=1e-3, atol=1e-5)
 
 
-# case -> (pixels, target, words in the last line of the torch.jit.Error)
+def as_torch(inputs):
+    return tuple(torch.from_numpy(np.ascontiguousarray(value)) for value in inputs.values())
+
+
+B2 = torch.full((2,), -1)
+# case -> (file, inputs with the target last, words in the last line of the torch.jit.Error: the first right after
+# "relfast (exported explainer): ")
 SCRIPT_INPUTS = {
-    "image size": (torch.zeros(2, 3, 32, 32), torch.full((2,), -1), "input 'pixel_values' must have shape (B, 3, 64, 64)"),
-    "image dtype": (torch.zeros(2, 3, 64, 64, dtype=torch.float64), torch.full((2,), -1),
-                    "input 'pixel_values' must be float32, got float64"),
-    "image inf": (torch.full((2, 3, 64, 64), float("inf")), torch.full((2,), -1),
-                  "input 'pixel_values' holds NaN or infinite values"),
-    "image huge": (torch.from_numpy(pixels_with(1e30)), torch.full((2,), -1),
-                   "input 'pixel_values' holds a value of magnitude 1.0"),  # 1e30 as float32, printed in full
-    "empty batch": (torch.zeros(0, 3, 64, 64), torch.full((0,), -1), "input 'pixel_values' holds an empty batch"),
-    "target batch": (torch.zeros(2, 3, 64, 64), torch.full((3,), -1),
-                     "input 'target' has shape [3], but an earlier input has size 2"),
-    "target class": (torch.zeros(2, 3, 64, 64), torch.full((2,), 4), "input 'target' holds class 4, out of range"),
-    "target dtype": (torch.zeros(2, 3, 64, 64), torch.zeros(2, dtype=torch.int32), "input 'target' must be int64, got int32"),
+    "image size": ("image", (torch.zeros(2, 3, 32, 32), B2), ["input 'pixel_values' must have shape (B, 3, 64, 64)"]),
+    "image dtype": ("image", (torch.zeros(2, 3, 64, 64, dtype=torch.float64), B2),
+                    ["input 'pixel_values' must be float32, got float64"]),
+    "image inf": ("image", (torch.full((2, 3, 64, 64), float("inf")), B2),
+                  ["input 'pixel_values' holds NaN or infinite values"]),
+    "image huge": ("image", (torch.from_numpy(pixels_with(1e30)), B2),
+                   ["input 'pixel_values' holds a value of magnitude 1.0"]),  # 1e30 as float32, printed in full
+    "empty batch": ("image", (torch.zeros(0, 3, 64, 64), torch.full((0,), -1)),
+                    ["input 'pixel_values' holds an empty batch"]),
+    "target batch": ("image", (torch.zeros(2, 3, 64, 64), torch.full((3,), -1)),
+                     ["input 'target' has shape [3], but an earlier input has size 2"]),
+    "target class": ("image", (torch.zeros(2, 3, 64, 64), torch.full((2,), 4)),
+                     ["input 'target' holds class 4, out of range"]),
+    "target dtype": ("image", (torch.zeros(2, 3, 64, 64), torch.zeros(2, dtype=torch.int32)),
+                     ["input 'target' must be int64, got int32"]),
+    "text mask shorter": ("text", (*as_torch(text_with(attention_mask=MASK[:, :5])), B2),
+                          ["input 'attention_mask' has shape [2, 5], but an earlier input has size 6"]),
+    "all-padding sample, named": ("text", (*as_torch(text_with(attention_mask=mask_with(1, slice(None), 0))), B2),
+                                  ["input 'attention_mask' is all zeros for sample 1"]),
+    "float mask": ("text", (*as_torch(text_with(attention_mask=MASK.astype(np.float32))), B2),
+                   ["input 'attention_mask' must be int64, got float32"]),
+    **{f"text: {case}": ("text", (*as_torch(inputs), torch.full((len(inputs["input_ids"]),), -1)),
+                         [f"input '{name}' ", words]) for case, (inputs, name, words) in TEXT_VALUES.items()},
 }
 
 
 @pytest.mark.parametrize("case", sorted(SCRIPT_INPUTS))
-def test_torchscript_file_refuses_bad_input(case, default_files):
-    pixels, target, words = SCRIPT_INPUTS[case]
-    script = torch.jit.load(str(default_files["script"]))
+def test_torchscript_file_refuses_bad_input(case, default_files, text_files):
+    which, args, words = SCRIPT_INPUTS[case]
+    script = torch.jit.load(str(default_files["script"] if which == "image" else text_files["script"]))
     with pytest.raises(torch.jit.Error) as info:  # the documented type; its last line is relfast's message
-        script(pixels, target)
-    assert "relfast (exported explainer): " + words in str(info.value).splitlines()[-1]
+        script(*args)
+    last_line = str(info.value).splitlines()[-1]
+    assert "relfast (exported explainer): " + words[0] in last_line, last_line
+    for word in words[1:]:
+        assert word in last_line, f"{word!r} not in {last_line!r}"
+
+
+@pytest.mark.parametrize("case", sorted(TEXT_VALUES))
+def test_eager_explainer_refuses_the_same_text_values(case, text_files):
+    """The files' text checks are the eager explainer's: it refuses each case with the same words."""
+    inputs, name, words = TEXT_VALUES[case]
+    with pytest.raises(ValueError) as info:
+        text_files["explainer"]({key: torch.from_numpy(value) for key, value in inputs.items()})
+    message = str(info.value)
+    assert message.startswith("relfast.Explainer:") and name in message and words in message, message
 
 
 @pytest.mark.parametrize("magnitude", [1.0, 1e5, MAX_ABS_FLOAT_INPUT, 1.5e6, 1e20, 1e30])

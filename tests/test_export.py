@@ -28,6 +28,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::Deprec
 
 BATCHES = (1, 2, 5, 16)
 LOGITS_RTOL, RELEVANCE_RTOL = 1e-5, 1e-4
+# transformer_attribution's LRP pass amplifies float32 rounding: its sum rule splits relevance into
+# large shares of opposite sign that cancel further on. Fed ONNX Runtime's patch-embedding output
+# (its NCHWc convolution rounds differently, within 6e-7), eager float32 moves a DeiT map by 1.45e-4 of
+# its maximum, where float64 moves by 1.6e-8 under the same change. So each float32 path (eager,
+# ONNX) is up to ~1.5e-4 from a float64 run of the same weights (eager: 1.1e-4 on the default model,
+# B=16, seed 16), and two of them may differ by 3e-4 (test_onnx_rounding_is_eager_float32s). The
+# TorchScript file runs PyTorch's own kernels and keeps RELEVANCE_RTOL.
+ONNX_RELEVANCE_RTOL = {"transformer_attribution": 3e-4}
 VOCAB = 60  # test_explainer.bert's vocabulary
 
 
@@ -105,6 +113,10 @@ def lengths_for(name):
     return (7, 19) if name == "bert" else (None,)
 
 
+def onnx_rtol(method):
+    return ONNX_RELEVANCE_RTOL.get(method, RELEVANCE_RTOL)
+
+
 @pytest.mark.parametrize("batch", BATCHES)
 def test_onnx_runtime_matches_eager(exported, batch):
     for length in lengths_for(exported["name"]):
@@ -113,7 +125,7 @@ def test_onnx_runtime_matches_eager(exported, batch):
         outputs = exported["onnx"].run(as_numpy(inputs))
         where = f"{case_id((exported['name'], exported['method'], exported['options']))} B={batch} N={length}"
         assert rel_err(outputs["logits"], eager.logits) <= LOGITS_RTOL, where
-        assert rel_err(outputs["relevance"], eager.relevance) <= RELEVANCE_RTOL, where
+        assert rel_err(outputs["relevance"], eager.relevance) <= onnx_rtol(exported["method"]), where
         assert outputs["relevance"].dtype == np.float32
         np.testing.assert_array_equal(outputs["explained_target"], eager.target.numpy(), err_msg=where)
 
@@ -137,14 +149,31 @@ def test_explicit_targets(exported):
     target = torch.tensor([3, 0, classes - 1, 1, 2]) % classes
     eager = exported["explainer"](inputs, target=target)
     logits, relevance = exported["onnx"](as_numpy(inputs), target=target.numpy())
-    assert rel_err(relevance, eager.relevance) <= RELEVANCE_RTOL
+    assert rel_err(relevance, eager.relevance) <= onnx_rtol(exported["method"])
     args = list(inputs.values()) if isinstance(inputs, dict) else [inputs]
     _, script_relevance, explained = exported["script"](*args, target)
     assert rel_err(script_relevance, eager.relevance) <= RELEVANCE_RTOL and torch.equal(explained, target)
     same = exported["explainer"](inputs, target=1)
     outputs = exported["onnx"].run(as_numpy(inputs), target=1)
-    assert rel_err(outputs["relevance"], same.relevance) <= RELEVANCE_RTOL
+    assert rel_err(outputs["relevance"], same.relevance) <= onnx_rtol(exported["method"])
     assert (outputs["explained_target"] == 1).all()
+
+
+@pytest.mark.parametrize("exported", [("default", "transformer_attribution", {})], ids=case_id, indirect=True)
+def test_onnx_rounding_is_eager_float32s(exported):
+    """The reason for ONNX_RELEVANCE_RTOL: on the batch that reached 1.59e-4 in a report, the ONNX file
+    and float32 eager are each within half the bound of a float64 run of the same weights; the file
+    is no worse than eager float32 is, and together they cannot differ by more than the bound."""
+    inputs = image_batch(exported["model"], 16, seed=16)
+    eager = exported["explainer"](inputs)
+    model64 = MODELS["default"]().double()
+    exact = relfast.Explainer(model64, exported["method"], **exported["options"])(inputs.double(),
+                                                                                 target=eager.target).relevance
+    half = ONNX_RELEVANCE_RTOL[exported["method"]] / 2
+    served = exported["onnx"](inputs.numpy())[1]
+    assert rel_err(eager.relevance, exact) <= half
+    assert rel_err(served, exact) <= half
+    assert rel_err(exported["script"](inputs)[1], exact) <= half
 
 
 def test_onnx_file_is_standard_and_dynamic(exported):

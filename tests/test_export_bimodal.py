@@ -1,6 +1,7 @@
 """CLIP (similarity and both maps) and DETR (detections and query maps) exported to ONNX and
 TorchScript: the files equal the eager explainer (relative error <= 1e-4) for several targets
-and batch sizes, and the ONNX runtime checks their targets before running."""
+and batch sizes, the ONNX runtime checks their targets before running, and both files refuse the
+CLIP texts the eager explainer refuses."""
 import numpy as np
 import pytest
 import torch
@@ -28,6 +29,49 @@ def clip_files(tmp_path_factory):
     example = float32(models.clip_inputs(2, 2, seed=0))
     return (explainer, relfast.export.to_onnx(explainer, example, folder / "clip.onnx"),
             relfast.export.to_torchscript(explainer, example, folder / "clip.pt"))
+
+
+def clip_numpy(length=9):
+    return {k: v.numpy() for k, v in float32(models.clip_inputs(2, 2, seed=1, length=length)).items()}
+
+
+def clip_text_with(**change):
+    return {**clip_numpy(), **change}
+
+
+def mask_with(row, value):
+    mask = clip_text_with()["attention_mask"].copy()
+    mask[row] = value
+    return mask
+
+
+# case -> (CLIP inputs, words in every entry point's message): the text tower's vocabulary (60) and
+# 16 learned positions, and its padding mask, checked by both files before they run
+BAD_CLIP_TEXT = {
+    "token id beyond the vocabulary": (clip_text_with(input_ids=np.full((2, 9), models.VOCAB)),
+                                       f"holds token id {models.VOCAB}, outside the model's vocabulary"),
+    "longer than the positions": (clip_numpy(length=17), "holds sequences of 17 tokens; the model has 16 positions"),
+    "all-padding text": (clip_text_with(attention_mask=mask_with(1, 0)), "every sample needs at least one real token"),
+    "mask value 3": (clip_text_with(attention_mask=mask_with(0, 3)), "must hold only 0 (padding) and 1 (real), got 3"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CLIP_TEXT))
+def test_clip_files_refuse_what_eager_refuses(clip_files, case):
+    explainer, onnx_path, script_path = clip_files
+    inputs, words = BAD_CLIP_TEXT[case]
+    with pytest.raises(ValueError) as eager:
+        explainer({k: torch.from_numpy(v) for k, v in inputs.items()})
+    runtime = OnnxExplainer(onnx_path)
+    runtime.session = None  # refused before ONNX Runtime is reached
+    with pytest.raises(ValueError) as served:
+        runtime.run(inputs)
+    with pytest.raises(torch.jit.Error) as scripted:  # not "index out of range in self" from inside the graph
+        torch.jit.load(str(script_path))(*[torch.from_numpy(v) for v in inputs.values()])
+    messages = [str(eager.value), str(served.value), str(scripted.value).splitlines()[-1]]
+    assert all(words in message for message in messages), messages
+    assert messages[1].startswith("relfast.runtime.OnnxExplainer: input '")
+    assert "relfast (exported explainer): input '" in messages[2]
 
 
 @pytest.fixture(scope="module")

@@ -160,7 +160,7 @@ def test_runtime_checks_token_ids_and_next_tokens(exported):
     good = as_numpy(prompts(2, 6, seed=1))
     logits, relevance = runtime(good)
     assert logits.shape == (2, VOCAB) and relevance.shape == (2, 6)
-    with pytest.raises(ValueError, match=f"token id {VOCAB}, out of range for a vocabulary of {VOCAB}"):
+    with pytest.raises(ValueError, match=f"token id {VOCAB}, outside the model's vocabulary \\[0, {VOCAB}\\)"):
         runtime({"input_ids": np.full((2, 6), VOCAB), "attention_mask": good["attention_mask"]})
     with pytest.raises(ValueError, match=f"argument 'target' holds class {VOCAB}, out of range for a model with "
                                          f"{VOCAB} classes"):
@@ -171,16 +171,52 @@ def test_runtime_checks_token_ids_and_next_tokens(exported):
 
 
 def test_runtime_refuses_sequences_longer_than_the_positions(exported):
-    """GPT-2's learned positions end at n_positions (64): a longer prompt is refused before ONNX
-    Runtime sees it (it would fail inside with an indexing error); Llama's rotary positions do not end."""
+    """GPT-2's learned positions end at n_positions (64): a longer prompt is refused by both files
+    before they run (they would fail inside with an indexing error); Llama's rotary positions do not end."""
     runtime = exported["onnx"]
     long = {"input_ids": np.ones((1, 65), np.int64), "attention_mask": np.ones((1, 65), np.int64)}
     if exported["name"] == "gpt2":
         assert runtime.spec["max_positions"] == 64
-        with pytest.raises(ValueError, match="input 'input_ids' holds sequences of 65 tokens; the exported model has "
-                                             "64 positions"):
+        message = "input 'input_ids' holds sequences of 65 tokens; the model has 64 positions"
+        with pytest.raises(ValueError, match=message):
             runtime(long)
+        with pytest.raises(torch.jit.Error, match=message):
+            exported["script"](*[torch.from_numpy(v) for v in long.values()])
     else:
         assert runtime.spec["max_positions"] is None
         logits, relevance = runtime(long)
         assert relevance.shape == (1, 65) and np.isfinite(relevance).all()
+        with torch.no_grad():
+            assert exported["script"](*[torch.from_numpy(v) for v in long.values()])[1].shape == (1, 65)
+
+
+# case -> (change to two good prompts, words in every entry point's message)
+BAD_PROMPTS = {
+    "token id beyond the vocabulary": ({"input_ids": np.full((2, 6), VOCAB)},
+                                       f"holds token id {VOCAB}, outside the model's vocabulary [0, {VOCAB})"),
+    "negative token id": ({"input_ids": np.full((2, 6), -3)}, "holds token id -3, outside"),
+    "all-padding sample": ({"attention_mask": np.array([[0, 0, 1, 1, 1, 1], [0] * 6])},
+                           "every sample needs at least one real token"),
+    "mask value 2": ({"attention_mask": np.array([[1, 1, 2, 1, 1, 1], [1] * 6])},
+                     "must hold only 0 (padding) and 1 (real), got 2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PROMPTS))
+def test_every_entry_point_refuses_bad_prompts(exported, case):
+    """What the eager explainer refuses, both files refuse with its words before running (an
+    all-padding prompt has no last real token; ids out of range fail inside with an indexing error)."""
+    change, words = BAD_PROMPTS[case]
+    prompt = {**as_numpy(prompts(2, 6, seed=1)), **change}
+    with pytest.raises(ValueError) as eager:
+        exported["explainer"]({k: torch.from_numpy(v) for k, v in prompt.items()})
+    runtime = OnnxExplainer(exported["onnx_path"], providers=["CPUExecutionProvider"])
+    runtime.session = None  # refused before ONNX Runtime is reached
+    with pytest.raises(ValueError) as served:
+        runtime(prompt)
+    with pytest.raises(torch.jit.Error) as scripted:
+        exported["script"](*[torch.from_numpy(v) for v in prompt.values()])
+    messages = [str(eager.value), str(served.value), str(scripted.value).splitlines()[-1]]
+    assert all(words in message for message in messages), messages
+    assert messages[1].startswith("relfast.runtime.OnnxExplainer: input '")
+    assert "relfast (exported explainer): input '" in messages[2]

@@ -232,6 +232,8 @@ def trace(explainer: Explainer, example_inputs: Any, *, decompose: bool, dynamic
         "num_classes": int(logits.shape[-1]),
         "target_kind": explainer.family.target_kind,
         "vocab_size": explainer.family.vocab_size() if text else None,
+        # the eager explainer's bound on token_type_ids, checked by the runtimes where the file takes them
+        "type_vocab_size": getattr(getattr(explainer.model, "config", None), "type_vocab_size", None) if text else None,
         "max_positions": explainer.family.max_positions(),
         "num_prefix_tokens": first_layout.prefix_tokens,
         "patch_grid": list(first_layout.patch_grid) if first_layout.is_vision else None,

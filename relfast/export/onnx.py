@@ -1,5 +1,6 @@
 """Model + explainer as one ONNX graph, runnable by any ONNX Runtime build."""
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -11,6 +12,17 @@ from ..runtime import METADATA_KEY  # the runtime reads what this writes (it imp
 from .graph import BATCH, SEQUENCE, check_flags, checked_path, trace
 
 MIN_OPSET = 18  # torch.onnx's exporter writes opset 18 or newer (older requests are converted, often failing)
+
+
+class _QuietEmptyIndexList(logging.Filter):
+    """Drops onnx_ir's "Attribute type is ambiguous because it is an empty sequence ... Defaulted to
+    INTS": onnxscript's aten.index_put lowering writes the dimensions left unindexed as an untyped
+    int list, empty when every dimension is indexed (``x[rows, cols] = 1``, the backward of
+    ``x[rows, cols]``). relfast's one-hot seeds and transformers' own code (CLIP's text pooling) do
+    that, so it cannot be avoided; INTS is the list's type, so the message is harmless."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Attribute type is ambiguous because it is an empty sequence")
 
 
 def to_onnx(explainer: Explainer, example_inputs: Any, path: Union[str, Path], *,
@@ -62,12 +74,18 @@ def to_onnx(explainer: Explainer, example_inputs: Any, path: Union[str, Path], *
     dynamic_shapes.append(dynamic(traced.spec["target"]["shape"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     traced.graph.eval()  # the graph has no training behaviour; this silences the exporter's warning
-    with warnings.catch_warnings():
-        # The exporter names each dynamic axis once; inputs sharing "batch" make it warn about that.
-        warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints")
-        program = torch.onnx.export(traced.graph, traced.example_args, dynamo=True, input_names=traced.input_names,
-                                    output_names=traced.spec["outputs"], dynamic_shapes=tuple(dynamic_shapes),
-                                    opset_version=opset_version, verbose=False)
+    quiet, ir_logger = _QuietEmptyIndexList(), logging.getLogger("onnx_ir._convenience")
+    ir_logger.addFilter(quiet)  # for this export only
+    try:
+        with warnings.catch_warnings():
+            # The exporter names each dynamic axis once; inputs sharing "batch" make it warn about that.
+            warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints")
+            program = torch.onnx.export(traced.graph, traced.example_args, dynamo=True,
+                                        input_names=traced.input_names, output_names=traced.spec["outputs"],
+                                        dynamic_shapes=tuple(dynamic_shapes), opset_version=opset_version,
+                                        verbose=False)
+    finally:
+        ir_logger.removeFilter(quiet)
     program.model.metadata_props[METADATA_KEY] = json.dumps(traced.spec)
     program.save(str(path))
     if check:

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from ..explain.explainer import Explainer
-from ..runtime import MAX_ABS_FLOAT_INPUT
+from ..runtime import (MASK_EMPTY_MESSAGE, MASK_INPUTS, MASK_VALUES_MESSAGE, MAX_ABS_FLOAT_INPUT, SEQUENCE_MESSAGE,
+                       index_limits)
 from .graph import BATCH, SEQUENCE, check_flags, checked_path, trace
 
 # Dynamic dimensions in the scripted checks: a negative id; every input shares its size.
@@ -79,6 +80,35 @@ def check_inputs(inputs: List[Tensor], names: List[str], dtypes: List[str], shap
                              "with {} classes [0, {}) (-1 = the predicted class)".format(bad, num_classes, num_classes))
 
 
+def check_token_values(inputs: List[Tensor], names: List[str], sizes: List[int], messages: List[str],
+                       masks: List[bool], sequence_input: int, max_positions: int, texts: List[str]) -> None:
+    """Scripted checks of the text inputs' values, those of relfast.runtime with its messages
+    (passed in: TorchScript formats no module-level string): indices within their embedding table
+    [0, sizes[k]) (0: none), padding masks of 0s and 1s with a real token in every sample, and
+    input ``sequence_input`` (-1: none) no longer than ``max_positions``. ``texts``: the sequence
+    message, then the mask-values and all-padding messages."""
+    if sequence_input >= 0 and inputs[sequence_input].size(1) > max_positions:
+        raise ValueError("relfast (exported explainer): input '" + names[sequence_input] + "' "
+                         + texts[0].format(inputs[sequence_input].size(1), max_positions))
+    for k in range(len(sizes)):
+        x = inputs[k]
+        where = "relfast (exported explainer): input '" + names[k] + "' "
+        if sizes[k] > 0 and x.numel() > 0:
+            low, high = int(x.min()), int(x.max())
+            if low < 0 or high >= sizes[k]:
+                raise ValueError(where + messages[k].format(low if low < 0 else high, sizes[k], sizes[k]))
+        if masks[k] and x.numel() > 0:
+            if x.dtype != torch.bool:
+                odd = x[(x != 0) & (x != 1)]
+                if odd.numel() > 0:
+                    if x.is_floating_point():
+                        raise ValueError(where + texts[1].format(float(odd[0])))
+                    raise ValueError(where + texts[1].format(int(odd[0])))
+            empty = torch.nonzero(torch.logical_not((x != 0).any(dim=1))).flatten()
+            if empty.numel() > 0:
+                raise ValueError(where + texts[2].format(int(empty[0])))
+
+
 def predicted_when_none(target: Optional[Tensor], first_input: Tensor) -> Tensor:
     """The scripted file's default target: -1 (the predicted class) for every sample."""
     if target is None:
@@ -116,11 +146,22 @@ def to_torchscript(explainer: Explainer, example_inputs: Any, path: Union[str, P
         resolved = graph.graph.call_function(predicted_when_none, (target, nodes[0]))
     target.replace_all_uses_with(resolved, delete_user_cb=lambda user: user is not resolved)
     with graph.graph.inserting_after(resolved):
-        graph.graph.call_function(check_inputs, (nodes[:-1] + [resolved], [e["name"] for e in entries],
-                                                 [e["dtype"] for e in entries],
-                                                 [_script_shape(e["shape"]) for e in entries],
-                                                 -1 if spec["target_kind"] == "text" else spec["num_classes"],
-                                                 MAX_ABS_FLOAT_INPUT))
+        checked = graph.graph.call_function(check_inputs, (nodes[:-1] + [resolved], [e["name"] for e in entries],
+                                                           [e["dtype"] for e in entries],
+                                                           [_script_shape(e["shape"]) for e in entries],
+                                                           -1 if spec["target_kind"] == "text" else spec["num_classes"],
+                                                           MAX_ABS_FLOAT_INPUT))
+    # Text values, after the dtype and shape checks (so that they read the exported dtypes and shapes).
+    names = [entry["name"] for entry in spec["inputs"]]
+    limits, masks = index_limits(spec), [name in MASK_INPUTS for name in names]
+    positions = spec["max_positions"] or 0
+    sequence_input = names.index("input_ids") if positions and "input_ids" in names else -1
+    if limits or any(masks) or sequence_input >= 0:
+        with graph.graph.inserting_after(checked):
+            graph.graph.call_function(check_token_values, (
+                nodes[:-1], names, [limits[n][0] if n in limits else 0 for n in names],
+                [limits[n][1] if n in limits else "" for n in names], masks, sequence_input, positions,
+                [SEQUENCE_MESSAGE, MASK_VALUES_MESSAGE, MASK_EMPTY_MESSAGE]))
     # The weights become buffers detached from the user's parameters: the backward is explicit ops
     # in the graph, so autograd has nothing to record when the file runs.
     for name, value in list(graph.named_parameters(recurse=False)):
