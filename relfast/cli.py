@@ -651,11 +651,12 @@ def export_model(args) -> None:
         logits, relevance = exported(inputs)
         worst_logits = max(worst_logits, rel_err(logits, eager.logits))
         worst_relevance = max(worst_relevance, rel_err(relevance, eager.relevance))
-    ok = worst_logits <= 1e-5 and worst_relevance <= 1e-4
+    bound = relfast.export.parity_relevance(args.method, args.format)
+    ok = worst_logits <= relfast.export.PARITY_LOGITS and worst_relevance <= bound
     checked = (f"batch 1 ({len(parity_batches)} inputs; the file has a fixed batch)" if fixed else
                f"batch {', '.join(map(str, parity_batches))}")
     print(f"parity vs eager PyTorch at {checked}: max relative error logits {worst_logits:.2e}, relevance "
-          f"{worst_relevance:.2e} ({'ok' if ok else 'FAILED: above 1e-5 / 1e-4'})")
+          f"{worst_relevance:.2e} ({'ok' if ok else f'FAILED: above {relfast.export.PARITY_LOGITS:g} / {bound:g}'})")
     for batch in timed_batches:
         inputs = make_inputs(batch, 99)
         eager_ms = _median_ms(lambda: explainer(inputs))

@@ -114,6 +114,8 @@ def lengths_for(name):
 
 
 def onnx_rtol(method):
+    assert relfast.export.parity_relevance(method, "onnx") == ONNX_RELEVANCE_RTOL.get(method, RELEVANCE_RTOL), \
+        "relfast export (the command) checks files with the same bounds as these tests"
     return ONNX_RELEVANCE_RTOL.get(method, RELEVANCE_RTOL)
 
 
