@@ -47,7 +47,8 @@ from typing import List, Optional, Union
 # torch, transformers and the kernels load in the subcommands that use them: --help and flag
 # mistakes answer without them (benchmarks/bench_cli_startup.py). The method names are copied
 # here for the same reason; tests/test_cli.py checks them against relfast's own lists.
-METHODS = ("generic", "rollout", "raw_attention", "attn_gradcam", "transformer_attribution", "partial_lrp", "lrp")
+METHODS = ("generic", "rollout", "raw_attention", "attn_gradcam", "transformer_attribution", "partial_lrp", "lrp",
+           "attnlrp")
 EXPORTABLE_METHODS = ("generic", "rollout", "raw_attention", "attn_gradcam", "transformer_attribution")
 EVAL_REFERENCES = ("random", "occlusion")
 
@@ -902,7 +903,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                          "embedded model) or a HuggingFace DETR folder; text: a HuggingFace sequence-classifier or "
                          "causal-LM folder; image and text: a HuggingFace CLIP folder (with their processors)")
     explain.add_argument("--method", default="generic", help="generic (default), transformer_attribution, rollout, "
-                         "raw_attention, attn_gradcam, lrp (a pixel map for images), partial_lrp")
+                         "raw_attention, attn_gradcam, lrp (a pixel map for images), partial_lrp, attnlrp")
     explain.add_argument("--target", help="class index (causal LMs: next-token id), or several separated by commas "
                          "(default: the prediction)")
     explain.add_argument("--out", required=True, help="output PNG (a folder for a folder of images) or HTML file")
@@ -920,7 +921,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                        "folder; also VisualBERT and LXMERT folders (random region features)")
     bench.add_argument("--batch", type=int, required=True, help="samples per call")
     bench.add_argument("--method", default="generic", help="generic (default), transformer_attribution, rollout, "
-                       "raw_attention, attn_gradcam, lrp, partial_lrp")
+                       "raw_attention, attn_gradcam, lrp, partial_lrp, attnlrp")
     bench.add_argument("--seconds", type=float, default=10.0, help="wall time of the measurement (default 10; at "
                        f"least {BENCH_MIN_CALLS} calls of each kind)")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs (default cpu)")

@@ -100,7 +100,8 @@ class Explainer:
         method: "generic" ([P2], default); [P1]'s "transformer_attribution" (LRP-weighted
             attention gradients); or the [P1] baselines "rollout", "raw_attention",
             "attn_gradcam", "lrp" (plain LRP to the input: a pixel map for images) and
-            "partial_lrp" (the last attention map's LRP relevance).
+            "partial_lrp" (the last attention map's LRP relevance); "attnlrp" (AttnLRP, Achtibat
+            et al. 2024: token or patch relevance from one forward and one backward).
         layout: a :class:`relfast.TokenLayout` describing the model's tokens; required for models
             of no listed family, and overrides a family's own.
         start_layer: the first layer of rollout's product (default 0) or of
@@ -156,6 +157,7 @@ class Explainer:
                                    full_matrix=True if full_matrix else None, use_lrp=use_lrp or None,
                                    normalize=None if normalize else False,
                                    cross_self_attention=None if cross_self_attention else False)
+        self._method.check_family(self.family)
         self.model = model
         self.method = method
         layers = self.family.method_layers()

@@ -76,7 +76,8 @@ class Session:
                 call = _graph_inputs(call)
             relevance_pass = None
             if relevance_only:
-                relevance_pass = RelevancePass(self.family, call, self.method.conserve)
+                pass_class = getattr(self.method, "relevance_pass_class", RelevancePass)  # attnlrp: its own
+                relevance_pass = pass_class(self.family, call, self.method.conserve)
                 output, maps = relevance_pass.forward()
                 records = [ProbabilityRecord(m) for m in maps]
             else:

@@ -2,6 +2,7 @@
 from typing import Dict, Type
 
 from .attn_gradcam import AttnGradCAM
+from .attnlrp import AttnLrp
 from .base import Method, Run
 from .generic import Generic
 from .lrp import Lrp, PartialLrp, TransformerAttribution
@@ -9,7 +10,7 @@ from .raw_attention import RawAttention
 from .rollout import Rollout
 
 METHOD_CLASSES: Dict[str, Type[Method]] = {cls.name: cls for cls in (Generic, Rollout, RawAttention, AttnGradCAM,
-                                                                      TransformerAttribution, PartialLrp, Lrp)}
+                                                                      TransformerAttribution, PartialLrp, Lrp, AttnLrp)}
 METHODS = tuple(METHOD_CLASSES)
 # Methods that read the attention maps and their gradients only (no relevance pass).
 ATTENTION_METHODS = tuple(name for name, cls in METHOD_CLASSES.items() if not cls.uses_relevance_pass)

@@ -151,6 +151,9 @@ class Method:
     def check_layers(self, layers: int) -> None:
         """Options that depend on the model's number of attention layers, checked once it is known."""
 
+    def check_family(self, family) -> None:
+        """Refuse, when the explainer is made, a model family the method has no rules for."""
+
     def relevance(self, run: Run) -> Tensor:
         """(B, N) rows (or (B, N, N) with full_matrix); (B, K, ...) for K targets per sample."""
         raise NotImplementedError
