@@ -49,7 +49,7 @@ from torch.overrides import TorchFunctionMode
 
 from .capture.mode import _bind_sdpa, detached_parameters, training_error
 from .families import Family, ModelCall
-from .lrp.mode import _DATA_MOVES
+from .lrp.mode import _DATA_MOVES, _op_name
 
 __all__ = ["AttnLrpCapture", "AttnLrpPass", "SUPPORTED", "check_family"]
 
@@ -397,15 +397,6 @@ def _site_shape(query: Tensor, key: Tensor) -> Tuple[int, int, int, int]:
 def _in_place(func) -> bool:
     name = getattr(func, "__name__", "")
     return (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or name == "__setitem__"
-
-
-def _op_name(func) -> str:
-    name = getattr(func, "__name__", None) or repr(func)
-    qualname = getattr(func, "__qualname__", "")
-    if qualname.startswith(("TensorBase.", "Tensor.")):
-        return "Tensor." + name
-    module = getattr(func, "__module__", None) or ""
-    return ("torch.nn.functional." if module.startswith("torch.nn.functional") else "torch.") + name
 
 
 def _dropout_active(func, args: Tuple, kwargs: Dict[str, Any]) -> bool:
