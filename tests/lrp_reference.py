@@ -7,6 +7,8 @@ Rules (SPEC.md, [P1]): αβ (α=1, β=0) for linear and convolution layers; pass
 LayerNorm, GELU, softmax and scaling; the z-rule per operand for the two attention products (each
 halved with the CVPR rules) and for sums (then Eq. 9 of seed 000 with the CVPR rules).
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -300,3 +302,194 @@ def timm_vit_relevance(model, pixels, target, method, start_layer=1):
             return attribution(gradients, per_layer, start_layer, e0.shape[0], pixels.dtype)
         R_e0, _ = sum_relevance(e0, pos, R, conserve)
         return conv_patch_relevance(pixels, conv.weight, patch, R_e0[1:].T.reshape(D, *tokens.shape[1:])).sum(dim=0)
+
+
+# ---- HF causal LMs: GPT-2, and Llama / Qwen2 / Mistral (RMSNorm, rotary, grouped-query heads, gated MLP) ----
+#
+# Rules beyond the encoders' (relfast/explain/lrp/rules.py states the same choices): GPT-2's Conv1D
+# (x·W + b, W (in, out)) is a linear layer (αβ); gelu_new and SiLU are activations and RMSNorm a
+# normalisation: relevance passes through (the normaliser a constant, as for LayerNorm); rotary
+# embeddings q·cos + rotate_half(q)·sin are a linear map with constant coefficients: its z-rule
+# (no Eq. 9); the gated product act(gate)·up takes the z-rule per operand, halved with the CVPR rules.
+
+def causal_attention(q, k, v, scale):
+    """q (H, n, d), k and v (H, n, d) (key heads already repeated): softmax with the causal mask."""
+    n = q.shape[1]
+    mask = torch.ones(n, n, dtype=torch.bool).tril()
+    scores = (q @ k.transpose(-1, -2)) * scale
+    A = torch.softmax(scores.masked_fill(~mask, torch.finfo(q.dtype).min), dim=-1)
+    A.retain_grad()
+    return A, A @ v
+
+
+def causal_attention_relevance(s, R_ctx, heads, conserve):
+    """(R_q, R_k, R_v) per head, and R_A, from the relevance of the heads' concatenated output."""
+    n, hd = s["q"].shape[1], s["q"].shape[2]
+    R_ctx = R_ctx.reshape(n, heads, hd).transpose(0, 1)
+    R_A, R_v = product_relevance(s["A"], s["v"], R_ctx, conserve)
+    R_q, R_kT = product_relevance(s["q"], s["k"].transpose(-1, -2), R_A, conserve)  # softmax, scale, mask pass
+    return R_q, R_kT.transpose(-1, -2), R_v, R_A
+
+
+def merge_heads(t):
+    """(H, n, d) -> (n, H·d)."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+def lm_result(method, gradients, per_layer, start_layer, R_input, n, dtype):
+    """The explained (last) row: partial LRP, transformer attribution, or the input relevance."""
+    if method == "partial_lrp":
+        return per_layer[-1].clamp(min=0).mean(dim=0)[n - 1]
+    if method == "transformer_attribution":
+        C = torch.eye(n, dtype=dtype)
+        for l in range(start_layer % len(per_layer), len(per_layer)):
+            Abar = (gradients[l] * per_layer[l]).clamp(min=0).mean(dim=0)
+            C = (torch.eye(n, dtype=dtype) + Abar) @ C
+        return C[n - 1]
+    return R_input.sum(dim=-1)
+
+
+def gelu_new(x):
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def gpt2_relevance(model, input_ids, target, method, start_layer=1):
+    """One unpadded sequence (n,) of an HF GPT2LMHeadModel (float64): the last token's row
+    (transformer_attribution, partial_lrp) or the word embeddings' relevance (lrp), for the
+    next-token logit ``target`` at the last token."""
+    conserve = method == "transformer_attribution"
+    body, heads = model.transformer, model.config.n_head
+    n, D = input_ids.shape[0], model.config.n_embd
+    hd, eps = D // heads, model.config.layer_norm_epsilon
+    word = body.wte.weight[input_ids]
+    position = body.wpe.weight[:n]
+    x = word + position
+    saved = []
+    for block in body.h:
+        h = F.layer_norm(x, (D,), block.ln_1.weight, block.ln_1.bias, eps)
+        qkv = h @ block.attn.c_attn.weight + block.attn.c_attn.bias
+        q, k, v = (t.reshape(n, heads, hd).transpose(0, 1) for t in qkv.split(D, dim=-1))
+        A, out = causal_attention(q, k, v, hd ** -0.5)
+        ctx = merge_heads(out)
+        o = ctx @ block.attn.c_proj.weight + block.attn.c_proj.bias
+        x1 = x + o
+        h2 = F.layer_norm(x1, (D,), block.ln_2.weight, block.ln_2.bias, eps)
+        i = gelu_new(h2 @ block.mlp.c_fc.weight + block.mlp.c_fc.bias)
+        m = i @ block.mlp.c_proj.weight + block.mlp.c_proj.bias
+        saved.append(dict(x=x, h=h, q=q, k=k, v=v, A=A, ctx=ctx, o=o, x1=x1, h2=h2, i=i, m=m))
+        x = x1 + m
+    final = F.layer_norm(x, (D,), body.ln_f.weight, body.ln_f.bias, eps)
+    logits = final[n - 1] @ model.lm_head.weight.T
+    gradients, R_logits = start(logits, target, method, saved)
+    with torch.no_grad():
+        R = torch.zeros_like(final)
+        R[n - 1] = linear_relevance(final[n - 1], model.lm_head.weight, R_logits)  # through ln_f
+        per_layer = [None] * len(saved)
+        for l in reversed(range(len(saved))):
+            s, block = saved[l], body.h[l]
+            R_x1, R_m = sum_relevance(s["x1"], s["m"], R, conserve)
+            R_i = linear_relevance(s["i"], block.mlp.c_proj.weight.T, R_m)
+            R_x1 = R_x1 + linear_relevance(s["h2"], block.mlp.c_fc.weight.T, R_i)  # gelu_new, ln_2 pass
+            R_x, R_o = sum_relevance(s["x"], s["o"], R_x1, conserve)
+            R_ctx = linear_relevance(s["ctx"], block.attn.c_proj.weight.T, R_o)
+            R_q, R_k, R_v, per_layer[l] = causal_attention_relevance(s, R_ctx, heads, conserve)
+            R_qkv = torch.cat([merge_heads(R_q), merge_heads(R_k), merge_heads(R_v)], dim=-1)
+            R = R_x + linear_relevance(s["h"], block.attn.c_attn.weight.T, R_qkv)  # ln_1 passes
+        R_word, _ = sum_relevance(word, position, R, conserve)
+        return lm_result(method, gradients, per_layer, start_layer, R_word, n, x.dtype)
+
+
+def rms_norm(x, module):
+    """HF's RMSNorm as Llama, Qwen2 and Mistral compute it (the statistic in float32)."""
+    xf = x.to(torch.float32)
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+    return module.weight * normed.to(x.dtype)
+
+
+def rotate_half(t):
+    half = t.shape[-1] // 2
+    return torch.cat([-t[..., half:], t[..., :half]], dim=-1)
+
+
+def rotary(t, cos, sin):
+    return t * cos + rotate_half(t) * sin
+
+
+def rotary_relevance(t, cos, sin, R):
+    """The z-rule of the linear map t·cos + rotate_half(t)·sin: each term its share of R, the
+    rotated term's relevance moved back to where its values came from."""
+    R_direct, R_rotated = sum_relevance(t * cos, rotate_half(t) * sin, R, conserve=False)
+    half = t.shape[-1] // 2
+    return R_direct + torch.cat([R_rotated[..., half:], R_rotated[..., :half]], dim=-1)
+
+
+def llama_relevance(model, input_ids, target, method, start_layer=1):
+    """One unpadded sequence (n,) of an HF LlamaForCausalLM, Qwen2ForCausalLM or
+    MistralForCausalLM (float64), as ``gpt2_relevance``."""
+    conserve = method == "transformer_attribution"
+    body, config = model.model, model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    hd = getattr(config, "head_dim", None) or config.hidden_size // heads
+    group = heads // kv_heads
+    n = input_ids.shape[0]
+    x0 = body.embed_tokens.weight[input_ids]
+    inv_freq = body.rotary_emb.inv_freq.to(torch.float32)
+    freqs = torch.arange(n, dtype=torch.float32)[:, None] * inv_freq[None]  # computed in float32, as HF does
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos = (emb.cos() * body.rotary_emb.attention_scaling).to(x0.dtype)
+    sin = (emb.sin() * body.rotary_emb.attention_scaling).to(x0.dtype)
+
+    def project(linear, t, count):
+        out = t @ linear.weight.T + (linear.bias if linear.bias is not None else 0)
+        return out.reshape(n, count, hd).transpose(0, 1)
+
+    x = x0
+    saved = []
+    for layer in body.layers:
+        att = layer.self_attn
+        h = rms_norm(x, layer.input_layernorm)
+        q, k, v = project(att.q_proj, h, heads), project(att.k_proj, h, kv_heads), project(att.v_proj, h, kv_heads)
+        q_r, k_r = rotary(q, cos, sin), rotary(k, cos, sin)
+        k_rep, v_rep = k_r.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+        A, out = causal_attention(q_r, k_rep, v_rep, hd ** -0.5)
+        ctx = merge_heads(out)
+        o = ctx @ att.o_proj.weight.T
+        x1 = x + o
+        h2 = rms_norm(x1, layer.post_attention_layernorm)
+        gate = h2 @ layer.mlp.gate_proj.weight.T
+        up = h2 @ layer.mlp.up_proj.weight.T
+        a = F.silu(gate)
+        p = a * up
+        m = p @ layer.mlp.down_proj.weight.T
+        saved.append(dict(x=x, h=h, q=q, k=k, q_r=q_r, A=A, ctx=ctx, o=o, x1=x1, h2=h2, a=a, up=up, p=p, m=m,
+                          v=v_rep, k_rep=k_rep))
+        x = x1 + m
+    final = rms_norm(x, body.norm)
+    logits = final[n - 1] @ model.lm_head.weight.T
+    gradients, R_logits = start(logits, target, method, saved)
+    with torch.no_grad():
+        R = torch.zeros_like(final)
+        R[n - 1] = linear_relevance(final[n - 1], model.lm_head.weight, R_logits)  # through the final RMSNorm
+        per_layer = [None] * len(saved)
+        for l in reversed(range(len(saved))):
+            s, layer = saved[l], body.layers[l]
+            att, mlp = layer.self_attn, layer.mlp
+            R_x1, R_m = sum_relevance(s["x1"], s["m"], R, conserve)
+            R_p = linear_relevance(s["p"], mlp.down_proj.weight, R_m)
+            z = s["a"] * s["up"]  # the gated product: the z-rule per operand, halved with the CVPR rules
+            R_each = z * divide(R_p, z) / (2 if conserve else 1)
+            R_h2 = (linear_relevance(s["h2"], mlp.gate_proj.weight, R_each)  # through SiLU
+                    + linear_relevance(s["h2"], mlp.up_proj.weight, R_each))
+            R_x1 = R_x1 + R_h2  # through post_attention_layernorm
+            R_x, R_o = sum_relevance(s["x"], s["o"], R_x1, conserve)
+            R_ctx = linear_relevance(s["ctx"], att.o_proj.weight, R_o)
+            attention = dict(q=s["q_r"], k=s["k_rep"], v=s["v"], A=s["A"])
+            R_qr, R_krep, R_vrep, per_layer[l] = causal_attention_relevance(attention, R_ctx, heads, conserve)
+            R_kr = R_krep.reshape(kv_heads, group, n, hd).sum(dim=1)  # a repeated key head sums its copies
+            R_v = R_vrep.reshape(kv_heads, group, n, hd).sum(dim=1)
+            R_q, R_k = rotary_relevance(s["q"], cos, sin, R_qr), rotary_relevance(s["k"], cos, sin, R_kr)
+            R_h = (linear_relevance(s["h"], att.q_proj.weight, merge_heads(R_q))
+                   + linear_relevance(s["h"], att.k_proj.weight, merge_heads(R_k))
+                   + linear_relevance(s["h"], att.v_proj.weight, merge_heads(R_v)))
+            R = R_x + R_h  # through input_layernorm
+        return lm_result(method, gradients, per_layer, start_layer, R, n, x.dtype)

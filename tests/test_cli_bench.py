@@ -126,14 +126,14 @@ MISTAKES = {
     "tokens 0": (["--batch", "2", "--model", "LM", "--tokens", "0"], "--tokens must be >= 1, got 0", True),
     "tokens beyond the positions": (["--batch", "2", "--model", "LM", "--tokens", "33"],
                                     "--tokens 33 is longer than the model's 32 positions", False),
-    "a method the model cannot take": (["--batch", "2", "--model", "LM", "--method", "lrp"],
-                                       "for which relfast has no LRP rule", False),
+    "a method the model cannot take": (["--batch", "2", "--model", "CLIP", "--method", "lrp"],
+                                       "needs LRP rules for every layer", False),
 }
 
 
 @pytest.mark.parametrize("case", sorted(MISTAKES))
-def test_bench_mistakes_fail_with_one_line(case, causal_lm_folder, image_folder, detr_config_folder, capsys,  # noqa: F811
-                                          monkeypatch):
+def test_bench_mistakes_fail_with_one_line(case, causal_lm_folder, image_folder, detr_config_folder,  # noqa: F811
+                                          clip_folder, capsys, monkeypatch):  # noqa: F811
     args, words, before_loading = MISTAKES[case]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same case on a GPU machine
@@ -142,7 +142,8 @@ def test_bench_mistakes_fail_with_one_line(case, causal_lm_folder, image_folder,
             raise AssertionError("a model was loaded before the arguments were checked")
         monkeypatch.setattr(relfast.cli, "_load_model_and_inputs", no_loading)
         monkeypatch.setattr(relfast.explain.session.Session, "run", no_loading)
-    paths = {"LM": str(causal_lm_folder), "IMAGE_FOLDER": str(image_folder), "DETR_FOLDER": str(detr_config_folder)}
+    paths = {"LM": str(causal_lm_folder), "IMAGE_FOLDER": str(image_folder), "DETR_FOLDER": str(detr_config_folder),
+             "CLIP": str(clip_folder)}
     code, stdout, stderr = explain_in_process(capsys, "bench", *[paths.get(a, a) for a in args])
     assert code == 2, (stdout, stderr)
     lines = stderr.strip().splitlines()

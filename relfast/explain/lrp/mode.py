@@ -11,6 +11,20 @@ attention map (a softmax over the last dimension of a 4-D tensor) is recorded, i
 An op with activations in and out and no rule (and that is not a pure data move) would carry
 gradients where relevance belongs: it is collected in ``unsupported`` and the forward refused.
 
+Causal LMs write some layers out as element-wise ops, which the mode recognises by where the
+operands come from (tracked for the forward only):
+- the *source* of a tensor is the activation it is an element-wise function of (through
+  activations, ``pow``, ``rsqrt``, negation, scaling and shifts by constants, sums and products of
+  functions of the same source, and means over the last dimension kept for broadcasting: a
+  row statistic). A product or quotient of two functions of one source (``gelu_new`` written out,
+  RMSNorm's ``x·rsqrt(mean(x²) + ε)``) is one activation or normalisation of it: relevance passes
+  from the result to the source, as for ``F.gelu`` and ``F.layer_norm``; a product of two
+  activations of different sources (a gated MLP) takes ``ProductRule``;
+- the *linear root* of a tensor is the activation it is a linear image of through data moves,
+  negation and scaling by constants. A sum of two linear images of one root (rotary embeddings,
+  ``q·cos + rotate_half(q)·sin``) is that linear map: the z-rule, without Eq. 9;
+- ``torch.addmm(bias, x, W)`` with constant bias and weight (GPT-2's ``Conv1D``) is a linear layer.
+
 Half-precision models (float16, bfloat16) get their relevance forward in float32: every operand of
 a rule is cast (``rules.widened``; weights per use inside the rules), embeddings come out float32,
 so the activations and relevance between rules are float32. The model itself is not cast.
@@ -25,7 +39,8 @@ from torch.overrides import TorchFunctionMode
 
 from ..capture.mode import _bind_sdpa, detached_parameters, training_error
 from ..capture.records import attention_bias, expand_groups, group_size, sdpa_scale
-from .rules import HALF, AddRule, Conv2dRule, LinearRule, MatMulRule, MeanRule, dims_of, pass_through, widened
+from .rules import (HALF, AddRule, Conv2dRule, LinearRule, MatMulRule, MeanRule, ProductRule, dims_of, pass_through,
+                    widened)
 
 T = torch.Tensor
 _SOFTMAX = {torch.softmax, F.softmax, T.softmax, torch.special.softmax}
@@ -35,6 +50,12 @@ _MATMUL = {torch.matmul, T.matmul, T.__matmul__, torch.bmm, T.bmm}
 _ADD = {torch.add, T.add, T.__add__, T.__radd__, T.__iadd__}
 _SCALE = {torch.mul, T.mul, T.__mul__, T.__rmul__, T.__imul__, torch.div, T.div, T.__truediv__, T.__itruediv__}
 _MEAN = {torch.mean, T.mean}
+_POW = {torch.pow, T.pow, T.__pow__}
+_RSQRT = {torch.rsqrt, T.rsqrt}
+_NEG = {torch.neg, T.neg, T.__neg__, torch.negative, T.negative}
+_ADDMM = {torch.addmm, T.addmm}
+# element-wise functions of one activation: its source carries over to the result
+_ELEMENTWISE = {F.gelu, F.relu, F.silu, F.tanh, torch.tanh, T.tanh, F.dropout, torch.dropout, T.relu, torch.relu}
 _OUT_OF_PLACE = {T.__imul__: torch.mul, T.__itruediv__: torch.div, T.__mul__: torch.mul, T.__rmul__: torch.mul,
                  T.mul: torch.mul, T.__truediv__: torch.div, T.div: torch.div}
 # Ops that only move, copy or re-type values: autograd's own backward routes relevance as it
@@ -72,6 +93,30 @@ class RelevanceCapture(TorchFunctionMode):
         self.embeddings: List[Tuple[Tensor, Tensor]] = []
         self.unsupported: List[str] = []
         self._widened: Dict[int, Tuple[Tensor, Tensor]] = {}  # id -> (half graph tensor, its float32 copy)
+        self._source: Dict[int, Tuple[Tensor, Tensor]] = {}  # id -> (tensor, the activation it is element-wise of)
+        self._root: Dict[int, Tuple[Tensor, Tensor]] = {}  # id -> (tensor, the activation it is a linear image of)
+
+    def __exit__(self, *exc):
+        self._source.clear()  # what the forward tracked is not kept with the pass
+        self._root.clear()
+        return super().__exit__(*exc)
+
+    @staticmethod
+    def _origin(table: Dict[int, Tuple[Tensor, Tensor]], t: Tensor) -> Tensor:
+        kept = table.get(id(t))
+        return kept[1] if kept is not None and kept[0] is t else t
+
+    def _track(self, table: Dict[int, Tuple[Tensor, Tensor]], result: Any, operand: Tensor) -> Any:
+        """``result`` carries ``operand``'s origin in ``table`` (same shape only)."""
+        if isinstance(result, Tensor) and result.shape == operand.shape:
+            table[id(result)] = (result, self._origin(table, operand))
+        return result
+
+    def _elementwise(self, result: Tensor, operand: Tensor, linear: bool = False) -> Tensor:
+        self._track(self._source, result, operand)
+        if linear:
+            self._track(self._root, result, operand)
+        return result
 
     def float32_copy(self, t: Tensor) -> Tensor:
         """The float32 copy the rules used of the half-precision graph tensor ``t`` (``t`` itself if
@@ -108,6 +153,8 @@ class RelevanceCapture(TorchFunctionMode):
             # in float32, so that the forward goes on and the refusal names every such op
             args, kwargs = tuple(self._widen(a) for a in args), {k: self._widen(v) for k, v in kwargs.items()}
         result = func(*args, **kwargs)
+        if func in _DATA_MOVES and _graph_tree(result):
+            self._move_root(args, kwargs, result)
         if func is F.embedding and isinstance(result, Tensor) and result.dtype.is_floating_point:
             result = widened(result).requires_grad_()
             self.embeddings.append((args[0] if args else kwargs["input"], result))
@@ -115,12 +162,29 @@ class RelevanceCapture(TorchFunctionMode):
             self.unsupported.append(_op_name(func))
         return result
 
+    def _move_root(self, args: Tuple, kwargs: Dict[str, Any], result: Any) -> None:
+        """A data move of one activation's linear images is a linear image of it too."""
+        roots = {id(self._origin(self._root, t)): self._origin(self._root, t)
+                 for t in _tensors(list(args) + list(kwargs.values())) if _graph(t)}
+        if len(roots) != 1:
+            return
+        (root,) = roots.values()
+        for t in _tensors([result]):
+            if _graph(t):
+                self._root[id(t)] = (t, root)
+
     # ---- the rules ----
 
     def _rule(self, func, args: Tuple, kwargs: Dict[str, Any]) -> Tuple[bool, Any]:
         if func is F.linear:  # the weights stay as they are: LinearRule casts them per use
             x, weight, bias = _params(args, kwargs, ("input", "weight", "bias"))
             return True, LinearRule.apply(self._widen(x), weight, bias)
+        if func in _ADDMM:  # bias + x·W (GPT-2's Conv1D): the linear rule with the weight transposed
+            bias, x, weight, beta, alpha = _params(args, kwargs, ("input", "mat1", "mat2", "beta", "alpha"))
+            if (_graph(x) and not _graph(weight) and not _graph(bias) and beta in (None, 1) and alpha in (None, 1)
+                    and isinstance(bias, Tensor) and bias.dim() == 1):
+                return True, LinearRule.apply(self._widen(x), weight.transpose(0, 1), bias)
+            return False, None
         if func is F.conv2d:
             return True, self._conv2d(*args, **kwargs)
         # The other rules' constant operands are small or transient: all are cast.
@@ -128,7 +192,14 @@ class RelevanceCapture(TorchFunctionMode):
         if func in _PASS_THROUGH:
             if func in (F.dropout, torch.dropout) and _dropout_active(func, args, kwargs):
                 raise training_error("dropout")
-            return True, pass_through(lambda x: func(x, *args[1:], **kwargs), args[0])
+            result = pass_through(lambda x: func(x, *args[1:], **kwargs), args[0])
+            return True, self._elementwise(result, args[0]) if func in _ELEMENTWISE else result
+        if func in _POW or func in _RSQRT or func in _NEG:  # element-wise functions of one activation
+            exponent = kwargs.get("exponent", args[1] if len(args) > 1 else None)
+            if func in _POW and not (isinstance(exponent, (int, float)) and _graph(args[0])):
+                return False, None
+            result = pass_through(lambda x: func(x, *args[1:], **kwargs), args[0])
+            return True, self._elementwise(result, args[0], linear=func in _NEG)
         if func in _SOFTMAX:
             probabilities = pass_through(lambda x: func(x, *args[1:], **kwargs), args[0])
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
@@ -145,29 +216,51 @@ class RelevanceCapture(TorchFunctionMode):
                 return False, None
             u, v = args[0], kwargs.get("other", args[1] if len(args) > 1 else None)
             if not isinstance(v, Tensor):  # + a Python number: a shift, relevance passes
-                return True, pass_through(lambda x: torch.add(x, v), u)
+                return True, self._elementwise(pass_through(lambda x: torch.add(x, v), u), u)
             if not isinstance(u, Tensor):
-                return True, pass_through(lambda x: torch.add(x, u), v)
+                return True, self._elementwise(pass_through(lambda x: torch.add(x, u), v), v)
             if not _graph(u):
                 u, v = v, u
-            return True, AddRule.apply(u, v, self.conserve)
+            if not _graph(v):
+                return True, self._elementwise(AddRule.apply(u, v, self.conserve), u)
+            if self._origin(self._root, u) is self._origin(self._root, v):
+                # two linear images of one activation (rotary embeddings): that map's z-rule
+                return True, self._elementwise(AddRule.apply(u, v, False), u, linear=True)
+            result = AddRule.apply(u, v, self.conserve)
+            return True, self._elementwise(result, u) if self._same_source(u, v) else result
         if func in _SCALE:
             x, c = args[0], kwargs.get("other", args[1] if len(args) > 1 else None)
             compute = _OUT_OF_PLACE.get(func, func)  # in place, the rule's forward would edit its own input
             options = {k: v for k, v in kwargs.items() if k != "other"}
             if _graph(x) and not _graph(c):
-                return True, pass_through(lambda t: compute(t, c, **options), x)
+                return True, self._elementwise(pass_through(lambda t: compute(t, c, **options), x), x, linear=True)
             if compute is torch.mul and _graph(c) and not _graph(x):
-                return True, pass_through(lambda t: torch.mul(x, t), c)
-            return False, None  # a product of two activations, or a division by one: no rule
+                return True, self._elementwise(pass_through(lambda t: torch.mul(x, t), c), c, linear=True)
+            if options or not (_graph(x) and _graph(c)):
+                return False, None
+            source = self._origin(self._source, x)
+            if self._same_source(x, c) and torch.broadcast_shapes(x.shape, c.shape) == source.shape:
+                # one activation or normalisation written out (gelu_new, RMSNorm): relevance passes
+                value = compute(x.detach(), c.detach())
+                return True, self._elementwise(pass_through(lambda t: value.clone(), source), source)
+            if compute is torch.mul:  # a gated MLP's act(gate) * up: the product rule
+                return True, ProductRule.apply(x, c, self.conserve)
+            return False, None  # a division by another activation: no rule
         if func in _MEAN:
             x = args[0]
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
             keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
             if "dtype" in kwargs:
                 return False, None
-            return True, MeanRule.apply(x, dims_of(dim, x.dim()), bool(keepdim))
+            dims = dims_of(dim, x.dim())
+            result = MeanRule.apply(x, dims, bool(keepdim))
+            if keepdim and tuple(d % x.dim() for d in dims) == (x.dim() - 1,):
+                self._source[id(result)] = (result, self._origin(self._source, x))  # a row statistic
+            return True, result
         return False, None
+
+    def _same_source(self, u: Tensor, v: Tensor) -> bool:
+        return self._origin(self._source, u) is self._origin(self._source, v)
 
     def _conv2d(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         if isinstance(padding, str):
@@ -224,6 +317,21 @@ class RelevanceCapture(TorchFunctionMode):
             return out, None
         weights = self.attention[-1].detach()
         return out, weights.mean(dim=1) if a["average_attn_weights"] else weights
+
+
+def _graph_tree(value: Any) -> bool:
+    return any(_graph(t) for t in _tensors([value]))
+
+
+def _tensors(values) -> List[Tensor]:
+    """The tensors in ``values``, one level of lists and tuples opened (``torch.cat``'s)."""
+    found = []
+    for value in values:
+        if isinstance(value, Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(v for v in value if isinstance(v, Tensor))
+    return found
 
 
 def _op_name(func) -> str:

@@ -66,11 +66,20 @@ class RelevancePass:
 
     def input_leaves(self) -> List[Tensor]:
         """The tensors input relevance is read at: the float inputs (pixels; half-precision ones at
-        the float32 copy the rules used), else the embedding lookups of the call's ``input_ids``."""
+        the float32 copy the rules used), else the embedding lookup of the call's ``input_ids`` (or of
+        a view of them)."""
         self.forward()
         floats = [v for v in list(self.call.args) + list(self.call.kwargs.values())
                   if isinstance(v, Tensor) and v.requires_grad]
         if floats:
             return [self._forward[0].float32_copy(floats[0])]
         ids = self.call.kwargs.get("input_ids", self.call.args[0] if self.call.args else None)
-        return [leaf for indices, leaf in self._forward[0].embeddings if indices is ids][:1]
+        return [leaf for indices, leaf in self._forward[0].embeddings if _view_of(indices, ids)][:1]
+
+
+def _view_of(indices: Any, ids: Any) -> bool:
+    """``indices`` are ``ids`` or a view of all of them (GPT-2 looks up ``input_ids.view(-1, N)``)."""
+    if indices is ids:
+        return True
+    return (isinstance(indices, Tensor) and isinstance(ids, Tensor) and indices.numel() == ids.numel() > 0
+            and indices.data_ptr() == ids.data_ptr() and indices.dtype == ids.dtype)

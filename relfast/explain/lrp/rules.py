@@ -17,7 +17,18 @@ Rules (``../shared/SPEC.md``, [P1]; seed 000 §2):
   Eq. 9 of seed 000, which rescales each operand's share per sample so that their sums add up to
   the output's (Lemma 2). An operand that is a constant (a position table, a mask) takes its share
   out of the propagated relevance;
-- mean over tokens (average pooling): the z-rule.
+- mean over tokens (average pooling): the z-rule;
+- element-wise products of two activations (a gated MLP's ``act(gate) * up``): as for the
+  attention products, the z-rule per operand, which gives each operand the whole relevance of the
+  product; halved when ``conserve`` (a uniform split);
+- causal LMs (``mode.py`` recognises the patterns): GPT-2's ``Conv1D`` (``torch.addmm`` with the
+  weight) is the linear rule; element-wise chains of one activation written out (``gelu_new``'s
+  ``0.5·x·(1 + tanh(…))``, RMSNorm's ``x·rsqrt(mean(x²) + ε)``) are one activation or one
+  normalisation: relevance passes through, as for ``F.gelu`` and LayerNorm (the normaliser is a
+  constant); rotary embeddings ``q·cos + rotate_half(q)·sin`` (constants times data moves of one
+  activation) are a linear map with constant coefficients: the z-rule of that map (LRP-0, which
+  conserves exactly; no αβ since there are no learned weights, no Eq. 9 since the two terms are
+  not two activations but one).
 
 Divisions are safe: the denominator is moved 1e-9 away from 0 (keeping its sign), and an exactly
 zero denominator gives 0. The batch is dimension 0 of every rule's output (per-sample sums).
@@ -186,6 +197,29 @@ class AddRule(torch.autograd.Function):
             r_v = r_v * safe_divide(safe_divide(sum_v.abs(), share) * total, sum_v)
         return (_to_shape(r_u, like[0]) if ctx.needs_input_grad[0] else None,
                 _to_shape(r_v, like[1]) if ctx.needs_input_grad[1] else None, None)
+
+
+class ProductRule(torch.autograd.Function):
+    """``u * v`` element-wise, two activations (a gated MLP's ``act(gate) * up``): the z-rule per
+    operand as for ``MatMulRule``, ``R_u = R_v = u·v · R/(u·v)`` (each operand the whole relevance
+    of its product), halved when ``conserve``."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, v: Tensor, conserve: bool):
+        ctx.save_for_backward(u, v)
+        ctx.conserve = conserve
+        return widened(u) * widened(v)
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor):
+        u, v = ctx.saved_tensors
+        like = (u, v)
+        u, v = widened(u), widened(v)
+        z = u * v
+        r = z * safe_divide(relevance.to(z.dtype), z)
+        if ctx.conserve:
+            r = r / 2
+        return _to_shape(r, like[0]), _to_shape(r, like[1]), None
 
 
 class MeanRule(torch.autograd.Function):
