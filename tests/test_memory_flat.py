@@ -1,8 +1,9 @@
 """Serving hygiene (issue 13): 1,000 repeated explanations in one process leave the resident set
 flat after warm-up: nothing of a call (records, graphs, recomputed attention) outlives it.
 
-The full runs are marked slow (make test-slow, minutes each); make test runs a short version of
-each (a leaked capture grows the set by ~6 MiB a call, far past the bound within 40 calls)."""
+The full runs are marked slow (make test-slow: 41 s on an idle 2-core machine, up to 20 minutes
+reported on a busy one); make test runs a short version of each (a leaked capture grows the set
+by ~6 MiB a call, far past the bound within 40 calls)."""
 import gc
 
 import pytest
