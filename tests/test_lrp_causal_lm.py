@@ -11,6 +11,7 @@ from relfast.explain.lrp import RelevanceCapture, rules
 
 import engine_models as em
 from lrp_reference import gpt2_relevance, llama_relevance
+from test_lrp import conservation_violations  # Lemma 2, as for the encoders
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -113,19 +114,6 @@ def relevance_through_blocks(model, inputs, target, conserve):
     layers = len(blocks_of(model))
     sums = [r.sum(dim=tuple(range(1, r.dim()))) for r in relevance]
     return {name: torch.stack(sums[i * layers:(i + 1) * layers]) for i, name in enumerate(names)}
-
-
-def conservation_violations(sums):
-    problems = []
-    for where in ("in", "out"):
-        worst = float((sums[where] - 1).abs().max())
-        if worst > 1e-6:
-            problems.append(f"block {where}puts sum to 1 ± {worst:.3g}")
-    for branch in ("attention", "mlp"):
-        low, high = float(sums[branch].min()), float(sums[branch].max())
-        if low < -1e-9 or high > 1 + 1e-9:
-            problems.append(f"{branch} branch share in [{low:.3g}, {high:.3g}]")
-    return problems
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))

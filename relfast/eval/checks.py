@@ -2,7 +2,7 @@
 the entry point and the argument, raised before any model runs."""
 import math
 from numbers import Integral, Real
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -89,6 +89,16 @@ def class_labels(labels: Any, count: int, where: str, num_classes: Optional[int]
             raise ValueError(f"{where}: argument '{name}' holds class {low if low < 0 else high}, outside the "
                              f"model's classes {bound}")
     return labels
+
+
+def token_batch(inputs: Dict[str, Any], name: str, where: str) -> Tensor:
+    """``inputs['input_ids']``: an (N, L) tensor of at least one sequence."""
+    ids = inputs["input_ids"]
+    if not isinstance(ids, Tensor) or ids.dim() != 2:
+        raise ValueError(f"{where}: argument '{name}' ('input_ids') must be a tensor (N, L), got "
+                         f"{getattr(ids, 'shape', type(ids).__name__)}")
+    not_empty(ids.shape[0], name, where)
+    return ids
 
 
 def not_empty(count: int, name: str, where: str) -> None:

@@ -211,12 +211,7 @@ def perturbation(explainer, data: Data, labels: Tensor, *, positive: Union[bool,
             raise ValueError(f"{where}: argument 'mask_token_id' applies to text; images lose whole patches (set to 0)")
     else:
         data = dict(data)
-        ids = data["input_ids"]
-        if not isinstance(ids, Tensor) or ids.dim() != 2:
-            raise ValueError(f"{where}: argument 'data' ('input_ids') must be a tensor (N, L), got "
-                             f"{getattr(ids, 'shape', type(ids).__name__)}")
-        count = ids.shape[0]
-        checks.not_empty(count, "data", where)
+        count = checks.token_batch(data, "data", where).shape[0]
         if preprocess is not None:  # silently unused otherwise
             raise ValueError(f"{where}: argument 'preprocess' applies to images; token inputs go to the model as given")
         vocab = family.vocab_size()

@@ -35,12 +35,8 @@ def rationale_ap(explainer, inputs: Dict[str, Tensor], rationale: Tensor, *, tar
         raise ValueError(f"{where}: argument 'inputs' must be a tokenizer's dict with 'input_ids', got "
                          f"{type(inputs).__name__}")
     inputs = dict(inputs)
-    ids = inputs["input_ids"]
-    if not isinstance(ids, Tensor) or ids.dim() != 2:
-        raise ValueError(f"{where}: argument 'inputs' ('input_ids') must be a tensor (N, L), got "
-                         f"{getattr(ids, 'shape', type(ids).__name__)}")
+    ids = checks.token_batch(inputs, "inputs", where)
     count = ids.shape[0]
-    checks.not_empty(count, "inputs", where)
     rationale = checks.binary(rationale, "rationale", where, ids.shape).cpu()
     target = checks.choice(target, "target", where, ("predicted", "label"))
     num_classes = family.num_classes() if family is not None else None
