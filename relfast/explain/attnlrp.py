@@ -443,10 +443,9 @@ class AttnLrpPass:
 
     Args:
         family, call: the call's model and parsed inputs (with their graph leaves).
-        conserve, sites: unused (the signature of ``RelevancePass``).
     """
 
-    def __init__(self, family: Family, call: ModelCall, conserve: bool = False, sites: Optional[int] = None):
+    def __init__(self, family: Family, call: ModelCall):
         check_family(family)
         self.family, self.call = family, call
         self._capture: Optional[AttnLrpCapture] = None

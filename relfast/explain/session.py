@@ -15,7 +15,6 @@ from torch import Tensor
 
 from .capture import AttentionCapture, AttentionRecord, ProbabilityRecord
 from .families import Family, ModelCall
-from .lrp import RelevancePass
 from .layout import TokenLayout
 from .methods import Method, Run
 from .streams import CrossPlan, IndependentStreams
@@ -76,8 +75,7 @@ class Session:
                 call = _graph_inputs(call)
             relevance_pass = None
             if relevance_only:
-                pass_class = getattr(self.method, "relevance_pass_class", RelevancePass)  # attnlrp: its own
-                relevance_pass = pass_class(self.family, call, self.method.conserve)
+                relevance_pass = self.method.relevance_pass(self.family, call)
                 output, maps = relevance_pass.forward()
                 records = [ProbabilityRecord(m) for m in maps]
             else:
@@ -95,8 +93,7 @@ class Session:
             run = Run(records, call.rows, call.token_mask, self.family.layout, scores, explained, targets,
                       row_weights=None if plan is not None else self.family.explained_row_weights(call, _device(call)))
             if self.method.uses_relevance_pass:  # a second forward, run when the method first asks
-                run.relevance_pass = relevance_pass or RelevancePass(self.family, call, self.method.conserve,
-                                                                     len(records))
+                run.relevance_pass = relevance_pass or self.method.relevance_pass(self.family, call, len(records))
             try:
                 maps, layouts = self._relevance(run, plan, call)
             except ValueError as error:  # a relfast op refused overflowing gradients: say it as the explainer

@@ -17,11 +17,13 @@ class AttnLrp(Method):
     name = "attnlrp"
     needs_gradients = False  # its own forward is the call's only forward
     uses_relevance_pass = True
-    relevance_pass_class = AttnLrpPass  # the session builds this pass instead of the [P1] LRP pass
     option_defaults = {}
 
     def check_family(self, family) -> None:
         check_family(family)
+
+    def relevance_pass(self, family, call, sites=None) -> AttnLrpPass:
+        return AttnLrpPass(family, call)  # AttnLRP's rules instead of [P1]'s
 
     def relevance(self, run: Run) -> torch.Tensor:
         relevance_pass = run.relevance_pass

@@ -154,6 +154,12 @@ class Method:
     def check_family(self, family) -> None:
         """Refuse, when the explainer is made, a model family the method has no rules for."""
 
+    def relevance_pass(self, family, call, sites: Optional[int] = None) -> "RelevancePass":
+        """The call's relevance forward (methods with ``uses_relevance_pass``): [P1]'s rules."""
+        from ..lrp import RelevancePass
+
+        return RelevancePass(family, call, self.conserve, sites)
+
     def relevance(self, run: Run) -> Tensor:
         """(B, N) rows (or (B, N, N) with full_matrix); (B, K, ...) for K targets per sample."""
         raise NotImplementedError
