@@ -228,3 +228,33 @@ def test_relevance_methods_leave_the_model_bit_identical_also_when_failing_midwa
     assert model_state(model) == before
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     torch.testing.assert_close(explainer(inputs).relevance, first.relevance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name,method", [("hf-vit", "generic"), ("hf-vit-eager", "transformer_attribution"),
+                                         ("gpt2", "lrp"), ("hf-bert-eager", "attnlrp"), ("timm-vit", "rollout")])
+def test_half_precision_models_are_left_as_found(name, method, dtype):
+    """Half models: the relevance pass computes in float32, but the model keeps its dtype,
+    parameters, flags and hooks, after a call and after one that fails midway."""
+    model = build(name).to(dtype)
+    calls = user_setup(model)
+    failing = []
+
+    def fail_when_asked(module, args, output):  # the user's own hook, there before and after
+        if failing:
+            raise RuntimeError("failing in the forward")
+
+    model.register_forward_hook(fail_when_asked)
+    before, weights = model_state(model), {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = inputs_for(name)
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()} if isinstance(inputs, dict) \
+        else inputs.to(dtype)
+    explainer = explainer_for(name, model, method)
+    assert torch.isfinite(explainer(inputs).relevance).all()
+    assert len(calls) >= 1 and model_state(model) == before
+    failing.append(1)
+    with pytest.raises(RuntimeError, match="failing"):
+        explainer(inputs)
+    assert model_state(model) == before
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
