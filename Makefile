@@ -36,7 +36,8 @@ $(VENV)/.relfast-registered: setup.py pyproject.toml
 	touch $@
 
 # Per-file progress lines and the 15 slowest cases at the end. The slow cases (pytest -m slow:
-# 1,000 repeated explanations per model for the flat-memory check) run apart: make test-slow.
+# 1,000 repeated explanations per model for the flat-memory check; the attnlrp export of every
+# model) run apart: make test-slow.
 test: install
 	$(PY) -m pytest tests -m "not slow" --durations=15
 

@@ -4,9 +4,10 @@ classes; HF default SDPA attention, random weights, float32, CPU), batch 1 and 8
 
 * ``forward``: the plain forward under ``torch.no_grad()``;
 * ``generic``: ``relfast.Explainer(model)`` ([P2], the default);
-* ``transformer_attribution``: [P1]'s method (a relevance forward and backward besides the
-  call's forward and streamed gradient backward);
-* ``lrp``: plain LRP to the pixels.
+* ``transformer_attribution``: [P1]'s method (one relevance forward; per target a relevance
+  backward, then a gradient backward through the same graph, streamed into the rows);
+* ``lrp``: LRP to the pixels with the papers' code's rules (the default);
+* ``lrp_textbook``: the same with ``rules="textbook"`` (one αβ denominator, αβ at the pixels).
 
 Time: pytest-benchmark medians (group ``lrp-vitb16-b<B>``). Peak memory: each (method, batch)
 once more in a fresh process, reporting the growth of its peak resident set (Linux ``VmHWM``,
@@ -25,7 +26,7 @@ import relfast
 
 transformers = pytest.importorskip("transformers")
 
-IMPLS = ("forward", "generic", "transformer_attribution", "lrp")
+IMPLS = ("forward", "generic", "transformer_attribution", "lrp", "lrp_textbook")
 BATCHES = (1, 8)
 ROUNDS = {1: 5, 8: 3}
 
@@ -45,7 +46,8 @@ def runner(model, impl):
             with torch.no_grad():
                 return model(pixel_values=pixels).logits
         return run
-    explainer = relfast.Explainer(model, impl)
+    explainer = (relfast.Explainer(model, "lrp", rules="textbook") if impl == "lrp_textbook"
+                 else relfast.Explainer(model, impl))
     return lambda pixels: explainer(pixels)
 
 

@@ -49,7 +49,7 @@ from typing import List, Optional, Union
 # here for the same reason; tests/test_cli.py checks them against relfast's own lists.
 METHODS = ("generic", "rollout", "raw_attention", "attn_gradcam", "transformer_attribution", "partial_lrp", "lrp",
            "attnlrp")
-EXPORTABLE_METHODS = ("generic", "rollout", "raw_attention", "attn_gradcam", "transformer_attribution")
+EXPORTABLE_METHODS = ("generic", "rollout", "raw_attention", "attn_gradcam", "transformer_attribution", "attnlrp")
 EVAL_REFERENCES = ("random", "occlusion")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
@@ -912,7 +912,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     export.add_argument("--model", help="a checkpoint from scripts/train_default_model.py (default: the embedded "
                         "model) or a HuggingFace image-classifier, sequence-classifier, causal-LM, CLIP or DETR folder")
     export.add_argument("--method", default="generic", help="generic (default), transformer_attribution, rollout, "
-                        "raw_attention, attn_gradcam")
+                        "raw_attention, attn_gradcam, attnlrp")
     export.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     export.add_argument("--out", required=True, help="the file to write (.onnx or .pt)")
     bench = commands.add_parser("bench", help="explanation throughput beside plain inference throughput")

@@ -5,7 +5,10 @@ used only for the attention gradients ∇A that transformer attribution weights 
 
 Rules (SPEC.md, [P1]): αβ (α=1, β=0) for linear and convolution layers; pass-through for
 LayerNorm, GELU, softmax and scaling; the z-rule per operand for the two attention products (each
-halved with the CVPR rules) and for sums (then Eq. 9 of seed 000 with the CVPR rules).
+halved with the CVPR rules) and for sums (then Eq. 9 of seed 000 with the CVPR rules). lrp and
+partial_lrp take the "textbook" rules here (one αβ sum, nothing halved); the text families also
+take ``rules="paper"``, the op-level choices of the papers' code (separate αβ sums, products
+halved; its ViT, with the pixel layer's zᴮ rule, is tests/chefer_lrp_reference.py).
 """
 import math
 
@@ -28,6 +31,23 @@ def linear_relevance(x, weight, R):
     z = xp @ wp.T + xn @ wn.T
     s = divide(R, z)
     return xp * (s @ wp) + xn * (s @ wn)
+
+
+def separate_linear_relevance(x, weight, R):
+    """The papers' code's αβ (α=1, β=0): positive and negative contributions each divided by their
+    own sum."""
+    xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), weight.clamp(min=0), weight.clamp(max=0)
+    return xp * (divide(R, xp @ wp.T) @ wp) + xn * (divide(R, xn @ wn.T) @ wn)
+
+
+def rule_choices(method, rules):
+    """(products halved, the linear rule) of a method's rules: ``rules`` "textbook" or "paper"
+    (the papers' code: separate αβ sums, halved products) for lrp and partial_lrp; the CVPR rules
+    (halved, one αβ sum; Eq. 9 on sums, by ``conserve``) for transformer attribution."""
+    if method == "transformer_attribution":
+        return True, linear_relevance
+    assert rules in ("textbook", "paper"), rules
+    return rules == "paper", separate_linear_relevance if rules == "paper" else linear_relevance
 
 
 def conv_patch_relevance(pixels, weight, patch, R):
@@ -171,13 +191,14 @@ def attention_forward(h, q_lin, k_lin, v_lin, heads, mask_bias=None):
     return dict(h=h, q=q, k=k, v=v, A=A, ctx=(A @ v).transpose(0, 1).reshape(-1, D))
 
 
-def attention_relevance(s, q_w, k_w, v_w, R_ctx, heads, conserve):
-    """From the relevance of the heads' concatenated output to (R of h, R_A)."""
+def attention_relevance(s, q_w, k_w, v_w, R_ctx, heads, conserve, linear=linear_relevance):
+    """From the relevance of the heads' concatenated output to (R of h, R_A); ``conserve``:
+    products halved."""
     D = s["h"].shape[-1]
     R_ctx = R_ctx.reshape(-1, heads, D // heads).transpose(0, 1)
     R_A, R_v = product_relevance(s["A"], s["v"], R_ctx, conserve)
     R_q, R_kT = product_relevance(s["q"], s["k"].transpose(-1, -2), R_A, conserve)
-    R_h = sum(linear_relevance(s["h"], w, r.transpose(0, 1).reshape(-1, D))
+    R_h = sum(linear(s["h"], w, r.transpose(0, 1).reshape(-1, D))
               for w, r in ((q_w, R_q), (k_w, R_kT.transpose(-1, -2)), (v_w, R_v)))
     return R_h, R_A
 
@@ -203,10 +224,11 @@ def attribution(gradients, attention_relevance_per_layer, start_layer, n, dtype)
 
 # ---- HF BERT-family classifier (BERT) ----
 
-def hf_bert_relevance(model, input_ids, target, method, start_layer=1):
+def hf_bert_relevance(model, input_ids, target, method, start_layer=1, rules="textbook"):
     """One unpadded sequence (N,) of an HF BertForSequenceClassification (float64): the CLS-row map
     (transformer_attribution, partial_lrp) or the word embeddings' relevance (lrp)."""
-    conserve = method == "transformer_attribution"
+    conserve = method == "transformer_attribution"  # Eq. 9 on sums
+    halve, linear = rule_choices(method, rules)
     bert, heads = model.bert, model.config.num_attention_heads
     emb = bert.embeddings
     n = input_ids.shape[0]
@@ -228,20 +250,20 @@ def hf_bert_relevance(model, input_ids, target, method, start_layer=1):
     logits = F.linear(pooled, model.classifier.weight, model.classifier.bias)
     gradients, R_logits = start(logits, target, method, saved)
     with torch.no_grad():
-        R_pooled = linear_relevance(pooled, model.classifier.weight, R_logits)  # through the dropout
+        R_pooled = linear(pooled, model.classifier.weight, R_logits)  # through the dropout
         R = torch.zeros_like(x)
-        R[0] = linear_relevance(x[0], bert.pooler.dense.weight, R_pooled)  # through tanh
+        R[0] = linear(x[0], bert.pooler.dense.weight, R_pooled)  # through tanh
         per_layer = [None] * len(saved)
         for l in reversed(range(len(saved))):
             s, layer = saved[l], bert.encoder.layer[l]
             R_m, R_x1 = sum_relevance(s["m"], s["x1"], R, conserve)  # through output.LayerNorm
-            R_i = linear_relevance(s["i"], layer.output.dense.weight, R_m)
-            R_x1 = R_x1 + linear_relevance(s["x1"], layer.intermediate.dense.weight, R_i)
+            R_i = linear(s["i"], layer.output.dense.weight, R_m)
+            R_x1 = R_x1 + linear(s["x1"], layer.intermediate.dense.weight, R_i)
             R_o, R_x = sum_relevance(s["o"], s["x"], R_x1, conserve)  # through attention.output.LayerNorm
-            R_ctx = linear_relevance(s["ctx"], layer.attention.output.dense.weight, R_o)
+            R_ctx = linear(s["ctx"], layer.attention.output.dense.weight, R_o)
             att = layer.attention.self
             R_h, per_layer[l] = attention_relevance(s, att.query.weight, att.key.weight, att.value.weight, R_ctx, heads,
-                                                    conserve)
+                                                    halve, linear)
             R = R_x + R_h
         if method == "partial_lrp":
             return per_layer[-1].clamp(min=0).mean(dim=0)[0]
@@ -353,11 +375,12 @@ def gelu_new(x):
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
-def gpt2_relevance(model, input_ids, target, method, start_layer=1):
+def gpt2_relevance(model, input_ids, target, method, start_layer=1, rules="textbook"):
     """One unpadded sequence (n,) of an HF GPT2LMHeadModel (float64): the last token's row
     (transformer_attribution, partial_lrp) or the word embeddings' relevance (lrp), for the
     next-token logit ``target`` at the last token."""
-    conserve = method == "transformer_attribution"
+    conserve = method == "transformer_attribution"  # Eq. 9 on sums
+    halve, linear = rule_choices(method, rules)
     body, heads = model.transformer, model.config.n_head
     n, D = input_ids.shape[0], model.config.n_embd
     hd, eps = D // heads, model.config.layer_norm_epsilon
@@ -383,18 +406,18 @@ def gpt2_relevance(model, input_ids, target, method, start_layer=1):
     gradients, R_logits = start(logits, target, method, saved)
     with torch.no_grad():
         R = torch.zeros_like(final)
-        R[n - 1] = linear_relevance(final[n - 1], model.lm_head.weight, R_logits)  # through ln_f
+        R[n - 1] = linear(final[n - 1], model.lm_head.weight, R_logits)  # through ln_f
         per_layer = [None] * len(saved)
         for l in reversed(range(len(saved))):
             s, block = saved[l], body.h[l]
             R_x1, R_m = sum_relevance(s["x1"], s["m"], R, conserve)
-            R_i = linear_relevance(s["i"], block.mlp.c_proj.weight.T, R_m)
-            R_x1 = R_x1 + linear_relevance(s["h2"], block.mlp.c_fc.weight.T, R_i)  # gelu_new, ln_2 pass
+            R_i = linear(s["i"], block.mlp.c_proj.weight.T, R_m)
+            R_x1 = R_x1 + linear(s["h2"], block.mlp.c_fc.weight.T, R_i)  # gelu_new, ln_2 pass
             R_x, R_o = sum_relevance(s["x"], s["o"], R_x1, conserve)
-            R_ctx = linear_relevance(s["ctx"], block.attn.c_proj.weight.T, R_o)
-            R_q, R_k, R_v, per_layer[l] = causal_attention_relevance(s, R_ctx, heads, conserve)
+            R_ctx = linear(s["ctx"], block.attn.c_proj.weight.T, R_o)
+            R_q, R_k, R_v, per_layer[l] = causal_attention_relevance(s, R_ctx, heads, halve)
             R_qkv = torch.cat([merge_heads(R_q), merge_heads(R_k), merge_heads(R_v)], dim=-1)
-            R = R_x + linear_relevance(s["h"], block.attn.c_attn.weight.T, R_qkv)  # ln_1 passes
+            R = R_x + linear(s["h"], block.attn.c_attn.weight.T, R_qkv)  # ln_1 passes
         R_word, _ = sum_relevance(word, position, R, conserve)
         return lm_result(method, gradients, per_layer, start_layer, R_word, n, x.dtype)
 
@@ -423,10 +446,11 @@ def rotary_relevance(t, cos, sin, R):
     return R_direct + torch.cat([R_rotated[..., half:], R_rotated[..., :half]], dim=-1)
 
 
-def llama_relevance(model, input_ids, target, method, start_layer=1):
+def llama_relevance(model, input_ids, target, method, start_layer=1, rules="textbook"):
     """One unpadded sequence (n,) of an HF LlamaForCausalLM, Qwen2ForCausalLM or
     MistralForCausalLM (float64), as ``gpt2_relevance``."""
-    conserve = method == "transformer_attribution"
+    conserve = method == "transformer_attribution"  # Eq. 9 on sums
+    halve, linear = rule_choices(method, rules)
     body, config = model.model, model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     hd = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -469,27 +493,27 @@ def llama_relevance(model, input_ids, target, method, start_layer=1):
     gradients, R_logits = start(logits, target, method, saved)
     with torch.no_grad():
         R = torch.zeros_like(final)
-        R[n - 1] = linear_relevance(final[n - 1], model.lm_head.weight, R_logits)  # through the final RMSNorm
+        R[n - 1] = linear(final[n - 1], model.lm_head.weight, R_logits)  # through the final RMSNorm
         per_layer = [None] * len(saved)
         for l in reversed(range(len(saved))):
             s, layer = saved[l], body.layers[l]
             att, mlp = layer.self_attn, layer.mlp
             R_x1, R_m = sum_relevance(s["x1"], s["m"], R, conserve)
-            R_p = linear_relevance(s["p"], mlp.down_proj.weight, R_m)
-            z = s["a"] * s["up"]  # the gated product: the z-rule per operand, halved with the CVPR rules
-            R_each = z * divide(R_p, z) / (2 if conserve else 1)
-            R_h2 = (linear_relevance(s["h2"], mlp.gate_proj.weight, R_each)  # through SiLU
-                    + linear_relevance(s["h2"], mlp.up_proj.weight, R_each))
+            R_p = linear(s["p"], mlp.down_proj.weight, R_m)
+            z = s["a"] * s["up"]  # the gated product: the z-rule per operand, halved with ``halve``
+            R_each = z * divide(R_p, z) / (2 if halve else 1)
+            R_h2 = (linear(s["h2"], mlp.gate_proj.weight, R_each)  # through SiLU
+                    + linear(s["h2"], mlp.up_proj.weight, R_each))
             R_x1 = R_x1 + R_h2  # through post_attention_layernorm
             R_x, R_o = sum_relevance(s["x"], s["o"], R_x1, conserve)
-            R_ctx = linear_relevance(s["ctx"], att.o_proj.weight, R_o)
+            R_ctx = linear(s["ctx"], att.o_proj.weight, R_o)
             attention = dict(q=s["q_r"], k=s["k_rep"], v=s["v"], A=s["A"])
-            R_qr, R_krep, R_vrep, per_layer[l] = causal_attention_relevance(attention, R_ctx, heads, conserve)
+            R_qr, R_krep, R_vrep, per_layer[l] = causal_attention_relevance(attention, R_ctx, heads, halve)
             R_kr = R_krep.reshape(kv_heads, group, n, hd).sum(dim=1)  # a repeated key head sums its copies
             R_v = R_vrep.reshape(kv_heads, group, n, hd).sum(dim=1)
             R_q, R_k = rotary_relevance(s["q"], cos, sin, R_qr), rotary_relevance(s["k"], cos, sin, R_kr)
-            R_h = (linear_relevance(s["h"], att.q_proj.weight, merge_heads(R_q))
-                   + linear_relevance(s["h"], att.k_proj.weight, merge_heads(R_k))
-                   + linear_relevance(s["h"], att.v_proj.weight, merge_heads(R_v)))
+            R_h = (linear(s["h"], att.q_proj.weight, merge_heads(R_q))
+                   + linear(s["h"], att.k_proj.weight, merge_heads(R_k))
+                   + linear(s["h"], att.v_proj.weight, merge_heads(R_v)))
             R = R_x + R_h  # through input_layernorm
         return lm_result(method, gradients, per_layer, start_layer, R, n, x.dtype)

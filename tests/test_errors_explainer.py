@@ -160,6 +160,10 @@ CONSTRUCTION = {
     "normalize='no'": (lambda: relfast.Explainer(build("hf-vit"), normalize="no"), ["'normalize'", "'no'"]),
     "use_lrp=1": (lambda: relfast.Explainer(build("hf-vit"), use_lrp=1), ["'use_lrp'", "True or False"]),
     "method as a list": (lambda: relfast.Explainer(build("hf-vit"), ["generic"]), ["'method'", "str"]),
+    "rules not a rule set": (lambda: relfast.Explainer(build("hf-vit"), "lrp", rules="papers"),
+                             ["'rules'", "'paper', 'textbook'", "'papers'"]),
+    "rules on a method without it": (lambda: relfast.Explainer(build("hf-vit"), "rollout", rules="paper"),
+                                     ["'rules'", "'partial_lrp' or 'lrp'", "'rollout'"]),
 }
 
 

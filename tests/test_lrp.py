@@ -1,6 +1,7 @@
 """[P1] LRP-based methods (transformer_attribution, partial_lrp, lrp) on unmodified models:
 equal to a plain float64 per-sample implementation of the rules written apart from the engine
-(tests/lrp_reference.py), batched with K targets; conservation block by block (seed 000, Lemma 2);
+(tests/lrp_reference.py; the baselines with rules="textbook", their default rules are
+tests/test_lrp_paper_rules.py's), batched with K targets; conservation block by block (seed 000, Lemma 2);
 every family runs; bad use is refused clearly; the model is left as it was."""
 import pytest
 import torch
@@ -15,6 +16,7 @@ from lrp_reference import hf_bert_relevance, hf_vit_relevance, timm_vit_relevanc
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
 METHODS = ("transformer_attribution", "partial_lrp", "lrp")
+TEXTBOOK = {"partial_lrp": {"rules": "textbook"}, "lrp": {"rules": "textbook"}}  # the rules lrp_reference has
 TARGETS = torch.tensor([[0, 2], [1, 3], [4, 0]])  # K = 2 classes per sample, batch 3
 
 
@@ -76,7 +78,7 @@ def test_batched_k_targets_equal_the_per_sample_reference(name, method):
     build, make_inputs, reference, one_sample, tolerance = REFERENCES[name]
     model = seeded_float64(build)
     inputs = make_inputs()
-    out = relfast.Explainer(model, method)(inputs, target=TARGETS)
+    out = relfast.Explainer(model, method, **TEXTBOOK.get(method, {}))(inputs, target=TARGETS)
     pixel_map = method == "lrp" and make_inputs is images
     expected_shape = (3, 2, em.IMAGE, em.IMAGE) if pixel_map else (3, 2, out.relevance.shape[-1])
     assert tuple(out.relevance.shape) == expected_shape and out.pixel_level == pixel_map
@@ -204,7 +206,7 @@ def test_the_conservation_check_fails_when_a_rule_is_broken(broken, monkeypatch)
 
         def unhalved(ctx, relevance):
             r_u, r_v, none = original(ctx, relevance)
-            return (r_u * 2, r_v * 2, none) if ctx.conserve else (r_u, r_v, none)
+            return (r_u * 2, r_v * 2, none) if ctx.halve else (r_u, r_v, none)
 
         monkeypatch.setattr(rules.MatMulRule, "backward", staticmethod(unhalved))
         conserve = True
@@ -222,11 +224,11 @@ def test_eq9_alone_bounds_the_branch_shares(monkeypatch):
     original = rules.AddRule.backward
 
     def plain_sums(ctx, relevance):
-        conserve, ctx.conserve = ctx.conserve, False
+        normalise, ctx.normalise = ctx.normalise, False
         try:
             return original(ctx, relevance)
         finally:
-            ctx.conserve = conserve
+            ctx.normalise = normalise
 
     model = seeded_float64(vit)
     pixels = images(batch=4, seed=5)

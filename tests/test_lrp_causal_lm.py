@@ -11,7 +11,7 @@ from relfast.explain.lrp import RelevanceCapture, rules
 
 import engine_models as em
 from lrp_reference import gpt2_relevance, llama_relevance
-from test_lrp import conservation_violations  # Lemma 2, as for the encoders
+from test_lrp import TEXTBOOK, conservation_violations  # Lemma 2, as for the encoders
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -37,7 +37,7 @@ def relative_error(got, expected):
 def test_padded_batch_with_k_targets_equals_the_per_sample_reference(name, method):
     model = em.build(name)
     inputs = padded_inputs(name, "left")
-    out = relfast.Explainer(model, method)(inputs, target=TARGETS)
+    out = relfast.Explainer(model, method, **TEXTBOOK.get(method, {}))(inputs, target=TARGETS)
     assert tuple(out.relevance.shape) == (3, 2, inputs["input_ids"].shape[1]) and not out.pixel_level
     for b in range(3):
         single, tokens = em.real_tokens(name, inputs, b)

@@ -202,17 +202,17 @@ LRP_METHODS = [m for m in relfast.explain.METHODS if m not in ATTENTION_METHODS]
 @pytest.mark.parametrize("method", LRP_METHODS)
 @pytest.mark.parametrize("name", LRP_FAMILIES)
 def test_relevance_methods_leave_the_model_bit_identical_also_when_failing_midway(name, method):
-    """The relevance pass runs the model under its own mode (a second forward for
-    transformer_attribution, the only one for lrp and partial_lrp): parameters, flags and hooks
-    are as before, after a call and after one that fails inside the relevance forward. (A user's
-    forward hook sees every forward of the call.)"""
+    """The relevance pass runs the model under its own mode (the call's only forward, also for
+    transformer_attribution, which takes its gradients from that forward's graph): parameters,
+    flags and hooks are as before, after a call and after one that fails inside the relevance
+    forward. (A user's forward hook sees every forward of the call.)"""
     model = build(name)
     calls = user_setup(model)
     before, weights = model_state(model), {k: v.clone() for k, v in model.state_dict().items()}
     explainer = explainer_for(name, model, method)
     inputs = inputs_for(name)
     first = explainer(inputs)
-    per_call = 2 if method == "transformer_attribution" else 1
+    per_call = 1
     assert len(calls) == per_call and model_state(model) == before
 
     def fail_in_the_relevance_forward(module, args, output):

@@ -6,20 +6,26 @@ embeddings ``x``, a gradient whose product ``x ⊙ ∇x`` is the AttnLRP relevan
 
 The rules, each as the backward it needs (relevance is implicit: ``R = input ⊙ modified gradient``):
 
-- linear layers, convolutions, sums, means, data moves, rotary embeddings (products with
-  constants): their own gradient, i.e. the epsilon rule (ε → 0) written as gradient × input. A
-  constant operand (a bias, a position table, a mask) takes its share of the relevance with it.
+- linear layers, convolutions, sums, means, data moves, rotary embeddings and CLIP's logit scale
+  (products with constants): their own gradient, i.e. the epsilon rule (ε → 0) written as
+  gradient × input. A constant operand (a bias, a position table, a mask) takes its share of the relevance with it.
 - LayerNorm / RMSNorm: the identity rule of the normalisation: the standard deviation (rms) is
   held constant in the backward, which then treats the layer as linear (mean removal and the
   scale by ``weight`` kept). Hand-written RMSNorm (HF Llama, Qwen2, Mistral): the square root of
-  an activation (``rsqrt``, ``sqrt``) is taken as a normaliser and held constant.
+  an activation (``rsqrt``, ``sqrt``, ``x ** ±0.5``) is taken as a normaliser and held constant.
+- L2 normalisation (CLIP's cosine similarity ``img / ‖img‖``, written by HF as
+  ``sum(x ** 2) ** 0.5``; ``Tensor.norm``, ``torch.linalg.vector_norm``, ``F.normalize``): the same
+  identity rule, the norm held constant: the division is then a product with a constant.
 - element-wise non-linearities (GELU in any form, tanh-GELU written out as HF's ``gelu_new``,
-  SiLU, ReLU, tanh, sigmoid, ...): the identity rule, ``∇x = ∇y ⊙ f(x)/x`` (0 where ``x = 0``), so
+  CLIP's QuickGELU ``x·σ(1.702x)``, SiLU, ReLU, tanh, sigmoid, ...): the identity rule,
+  ``∇x = ∇y ⊙ f(x)/x`` (0 where ``x = 0``), so
   ``x ⊙ ∇x = f(x) ⊙ ∇y``: relevance passes unchanged. A chain of element-wise ops on one tensor
   (``0.5·x·(1 + tanh(c·(x + 0.044715·x³)))``) is one such ``f``: it is computed without a graph and
   joined to it through one identity node where a non-element-wise op first reads it.
 - a product of two activations (a gated MLP's ``act(gate) · up``, the eager attention's ``q·kᵀ``
-  and ``A·V``): the uniform rule, each factor's gradient halved.
+  and ``A·V``; CLIP's similarity ``⟨img, txt⟩`` of its two towers' normalised embeddings): the
+  uniform rule, each factor's gradient halved. CLIP's image and text maps so each sum to half the
+  pair's logit (together: the logit).
 - softmax: its own gradient (AttnLRP's softmax rule ``R_i = x_i (R_i^out − s_i Σ_j R_j^out)`` is
   exactly gradient × input at the logits).
 - ``scaled_dot_product_attention`` stays the fused kernel, forward and backward; the two products
@@ -33,14 +39,28 @@ row, ``Σ_j s_j g_j (1 − x_j + Σ_i s_i x_i)`` with ``g = ∇A``, ``x`` the lo
 Without those, the relevance at the input embeddings sums to the explained logit.
 
 Where relevance is read: text, the lookups of the input-embedding matrix; images, the
-patch-embedding convolution's output (per patch; prefix tokens, being parameters, get 0).
+patch-embedding convolution's output (per patch; prefix tokens, being parameters, get 0); a module
+given token embeddings (a float (B, N, D) input), that input (per token). CLIP: the image tower's
+patch embedding and the text tower's lookups, both from the one backward of the pair's logit. The
+causal mask and the EOT pooling (a gather) move data; the mask is a constant.
+
+Per-layer relevance (``layers=True``): the hidden states entering each transformer block, found in
+the graph without touching the model: at each attention site, the first sum of two activations
+after it of which one operand descends from the site's output and the other is an ancestor of the
+site (``x + attention(norm(x))``; BERT's ``norm(dense(context) + x)``) has ``x``, the block's input.
+``x ⊙ ∇x`` there, summed over the width, comes from the same backward as the input relevance (the
+gradient of those graph tensors is requested with the input's). Without additive constants, block
+l's relevance sums to the logit less the softmax terms of the sites from l on.
 
 An op with activations in and out and no rule here (and that is not a pure data move or a linear
 op) is refused by name: its gradient is no relevance rule.
 """
+import collections
+import contextlib
+import contextvars
 import inspect
 import weakref
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -48,10 +68,12 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .capture.mode import _bind_sdpa, detached_parameters, training_error
+from .capture.records import attention_probabilities, expand_groups, group_size
 from .families import Family, ModelCall
 from .lrp.mode import _DATA_MOVES, _op_name
+from .streams import Stream
 
-__all__ = ["AttnLrpCapture", "AttnLrpPass", "SUPPORTED", "check_family"]
+__all__ = ["AttnLrpCapture", "AttnLrpPass", "SUPPORTED", "check_family", "written_out_attention"]
 
 T = torch.Tensor
 
@@ -74,7 +96,10 @@ _NONLINEAR = {  # element-wise non-linear functions of their (one) activation op
     T.reciprocal, torch.log, T.log, torch.special.expit,
 } | _RDIV
 _POINTWISE = _AFFINE | _NONLINEAR
-_NORMALISER = {torch.rsqrt, T.rsqrt, torch.sqrt, T.sqrt}
+_NORMALISER = {torch.rsqrt, T.rsqrt, torch.sqrt, T.sqrt, torch.norm, T.norm, torch.linalg.vector_norm,
+               torch.linalg.norm}
+_POW = {torch.pow, T.pow, T.__pow__}  # x ** ±0.5 of an activation: a normaliser too
+_MOVES = _DATA_MOVES | {T.t, torch.t}  # data moves (the LRP mode's list and what AttnLRP's families add)
 _SOFTMAX = {torch.softmax, F.softmax, T.softmax, torch.special.softmax}
 _MATMUL = {torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__, torch.bmm, T.bmm}
 _LINEAR = {F.linear, torch.addmm, T.addmm, F.conv2d, torch.conv2d, torch.mean, T.mean, torch.sum, T.sum,
@@ -102,24 +127,46 @@ def scaled(x: Tensor, factor: float) -> Tensor:
 
 
 class _IdentityRule(torch.autograd.Function):
-    """``y = f(x)`` given as its value: the gradient ``∇y ⊙ y/x`` (0 where ``x = 0``)."""
+    """``y = f(x)`` given as its value: the gradient ``∇y ⊙ y/x`` (0 where ``x = 0``). The ratio is
+    formed in the backward, so a chain whose value only feeds a normaliser (RMSNorm's ``x²``,
+    held constant) costs nothing."""
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor):
-        xd = x.detach()
-        ratio = torch.where(xd == 0, torch.zeros((), dtype=y.dtype, device=y.device), y / xd)
-        ctx.save_for_backward(ratio)
+        ctx.save_for_backward(x, y)
         ctx.like = (x.shape, x.dtype)
         return y.detach()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (ratio,) = ctx.saved_tensors
+        x, y = ctx.saved_tensors
         shape, dtype = ctx.like
-        g = grad * ratio
+        x = x.detach()
+        g = (grad * y).div_(x).masked_fill_(x == 0, 0)  # y ⊇ x's shape: f(x, constants)
         if g.shape != shape:
             g = g.sum_to_size(shape)
         return g.to(dtype), None
+
+
+class _UniformProduct(torch.autograd.Function):
+    """``u * v`` of two activations: the uniform rule, each factor's gradient halved (one node
+    instead of a product and two scalings)."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, v: Tensor):
+        ctx.save_for_backward(u, v)
+        return u * v
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        u, v = ctx.saved_tensors
+        half = grad * 0.5
+        grad_u, grad_v = half * v, half * u
+        if grad_u.shape != u.shape:
+            grad_u = grad_u.sum_to_size(u.shape)
+        if grad_v.shape != v.shape:
+            grad_v = grad_v.sum_to_size(v.shape)
+        return grad_u, grad_v
 
 
 class _LayerNormRule(torch.autograd.Function):
@@ -182,25 +229,50 @@ class AttnLrpCapture(TorchFunctionMode):
         embedding_weight: the model's input-embedding matrix (text): its lookups are where
             relevance is read. None for images.
         pixels: the float input leaf (images): the convolution reading it is the patch embedding.
+        layers: also find the hidden states entering each attention site's block (``residuals``).
 
     Attributes:
         inputs: the tensors relevance is read at (graph tensors), in order.
+        kinds: "image" (a patch embedding) or "text" (a lookup) for each of ``inputs``.
         sites: (B, H, N_q, N_k) of each attention site seen, in order.
+        residuals: (``layers``) per site, the hidden states entering its block (a graph tensor), or
+            None where no residual sum was found after it.
         unsupported: names of ops on activations that have no rule.
     """
 
-    def __init__(self, embedding_weight: Optional[Tensor] = None, pixels: Optional[Tensor] = None):
+    def __init__(self, embedding_weight: Optional[Tensor] = None, pixels: Optional[Tensor] = None,
+                 layers: bool = False):
         super().__init__()
-        self.embedding_weight, self.pixels = embedding_weight, pixels
+        self.embedding_weight, self.pixels, self.layers = embedding_weight, pixels, layers
         self.inputs: List[Tensor] = []
+        self.kinds: List[str] = []
         self.sites: List[Tuple[int, int, int, int]] = []
+        self.residuals: List[Optional[Tensor]] = []
         self.unsupported: List[str] = []
         self._entries: Dict[int, _Entry] = {}
+        self._open: List[Tuple[int, Any]] = []  # (site, its output's autograd node) awaiting their residual sum
 
     def close(self) -> None:
         """Forget the element-wise bookkeeping (its references to activations)."""
         self._entries.clear()
+        self._open.clear()
         self.embedding_weight = self.pixels = None
+
+    def _site(self, output: Tensor) -> None:
+        """The attention site just recorded (``sites[-1]``) and its output, for ``layers``."""
+        if self.layers:
+            self.residuals.append(None)
+            self._open.append((len(self.sites) - 1, output.grad_fn))
+
+    def _residual_sum(self, operands: List[Tensor]) -> None:
+        """``a + b`` after an open site: the block's input, if one operand comes from the site's
+        output and the other goes into the site (the residual connection around it)."""
+        for i, (site, node) in enumerate(self._open):
+            for branch, residual in (operands, operands[::-1]):
+                if _reaches(branch.grad_fn, lambda n: n is node) and _reaches(node, _node_of(residual)):
+                    self.residuals[site] = residual
+                    del self._open[i]
+                    return
 
     # -- bookkeeping of element-wise chains --
 
@@ -250,6 +322,9 @@ class AttnLrpCapture(TorchFunctionMode):
             return self._multi_head(args, kwargs)
         if func in _IN_PLACE and self._involved(args, kwargs):
             func = _IN_PLACE[func]  # `a += b` rebinds a to the result: out of place is the same
+        if func in _POW and _half_power(args, kwargs) and self._involved(args, kwargs):
+            with torch.no_grad():  # the square root (or its inverse) of an activation: a normaliser, constant
+                return func(*(_value(a) for a in args), **{k: _value(v) for k, v in kwargs.items()})
         if func in _POINTWISE and self._involved(args, kwargs):
             return self._pointwise(func, args, kwargs)
         args, kwargs = self._seal(args), {k: self._seal(v) for k, v in kwargs.items()}
@@ -262,6 +337,8 @@ class AttnLrpCapture(TorchFunctionMode):
             return self._layer_norm(*args, **kwargs)
         if func is F.rms_norm:
             return self._rms_norm(*args, **kwargs)
+        if func is F.normalize:
+            return self._normalize(*args, **kwargs)
         if func in _MATMUL:
             u, v = args[0], kwargs.get("other", args[1] if len(args) > 1 else None)
             if _requires_grad(u) and _requires_grad(v):  # the uniform rule
@@ -275,12 +352,14 @@ class AttnLrpCapture(TorchFunctionMode):
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
             if isinstance(result, Tensor) and result.dim() == 4 and dim in (-1, 3):
                 self.sites.append(tuple(result.shape))  # eager attention: gradient × input is its rule
+                self._site(result)
             else:
                 self.unsupported.append(_op_name(func) + " (not over the keys of a (B, H, N, N) attention)")
         elif func is F.conv2d or func is torch.conv2d:
             if self.pixels is not None and (args[0] if args else kwargs.get("input")) is self.pixels:
                 self.inputs.append(result)
-        elif func not in _DATA_MOVES and func not in _LINEAR and _any_graph_result(result):
+                self.kinds.append("image")
+        elif func not in _MOVES and func not in _LINEAR and _any_graph_result(result):
             self.unsupported.append(_op_name(func) + (" (in place)" if _in_place(func) else ""))
         return result
 
@@ -299,6 +378,7 @@ class AttnLrpCapture(TorchFunctionMode):
         if self.embedding_weight is not None and weight is self.embedding_weight and result.is_floating_point():
             result.requires_grad_()  # the graph's leaf: relevance is read here
             self.inputs.append(result)
+            self.kinds.append("text")
         return result
 
     def _pointwise(self, func, args: Tuple, kwargs: Dict[str, Any]):
@@ -322,11 +402,16 @@ class AttnLrpCapture(TorchFunctionMode):
         args, kwargs = self._seal(args), {k: self._seal(v) for k, v in kwargs.items()}
         graph = [a for a in list(args) + list(kwargs.values()) if _requires_grad(a)]
         if func in _MUL and len(graph) == 2:  # a product of two activations: the uniform rule
+            if len(args) == 2 and not kwargs:
+                return _UniformProduct.apply(*args)
             args = tuple(scaled(a, 0.5) for a in args)
             kwargs = {k: scaled(v, 0.5) for k, v in kwargs.items()}
             return func(*args, **kwargs)
         if func in (_ADD | _SUB | _RSUB):
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+            if self._open and func in _ADD and len(graph) == 2:
+                self._residual_sum(graph)
+            return result
         self.unsupported.append(_op_name(func) + " (of two different activations)")
         return func(*args, **kwargs)
 
@@ -336,12 +421,24 @@ class AttnLrpCapture(TorchFunctionMode):
     def _rms_norm(self, input, normalized_shape, weight=None, eps=None):
         return _RmsNormRule.apply(input, tuple(normalized_shape), weight, eps)
 
+    def _normalize(self, input, p=2.0, dim=1, eps=1e-12, out=None):
+        """``F.normalize``: the division by a norm held constant."""
+        if out is not None:
+            self.unsupported.append("torch.nn.functional.normalize (out=)")
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(input, p, dim, keepdim=True).clamp_min(eps)
+        return input / norm
+
     def _sdpa(self, query, key, value, **options):
         if options.get("dropout_p", 0.0) > 0:
             raise training_error("scaled_dot_product_attention")
         self.sites.append(_site_shape(query, key))
-        # the fused kernel, forward and backward; A·V and q·kᵀ are uniform rules: ½ · ½ for q and k, ½ for v
-        return F.scaled_dot_product_attention(scaled(query, 0.25), scaled(key, 0.25), scaled(value, 0.5), **options)
+        if _WRITTEN_OUT.get():  # relfast.export: the same values and gradients as plain ops
+            out = _written_out_sdpa(query, key, value, **options)
+        else:  # the fused kernel, forward and backward; A·V and q·kᵀ are uniform rules: ½ · ½ for q and k, ½ for v
+            out = F.scaled_dot_product_attention(scaled(query, 0.25), scaled(key, 0.25), scaled(value, 0.5), **options)
+        self._site(out)
+        return out
 
     def _multi_head(self, args: Tuple, kwargs: Dict[str, Any]):
         """Self-attention of ``nn.MultiheadAttention`` (packed in-projection, no extra masks or
@@ -387,6 +484,38 @@ def _requires_grad(value: Any) -> bool:
     return isinstance(value, Tensor) and value.requires_grad
 
 
+def _half_power(args: Tuple, kwargs: Dict[str, Any]) -> bool:
+    """``pow(x, e)`` with e = ±0.5 (a square root, or its inverse)."""
+    exponent = kwargs.get("exponent", args[1] if len(args) > 1 else None)
+    return isinstance(exponent, (int, float)) and not isinstance(exponent, bool) and abs(exponent) == 0.5
+
+
+def _node_of(tensor: Tensor):
+    """A test for the autograd node that produces ``tensor`` (a leaf: its AccumulateGrad)."""
+    node = tensor.grad_fn
+    if node is not None:
+        return lambda n: n is node
+    return lambda n: getattr(n, "variable", None) is tensor
+
+
+def _reaches(start, found, limit: int = 4096) -> bool:
+    """Whether going back through the autograd graph from node ``start`` meets a node for which
+    ``found`` holds (breadth first, at most ``limit`` nodes)."""
+    if start is None:
+        return False
+    seen = {id(start): start}  # the nodes are kept alive while their ids are in use
+    queue = collections.deque([start])
+    while queue:
+        node = queue.popleft()
+        if found(node):
+            return True
+        for parent, _ in node.next_functions:
+            if parent is not None and id(parent) not in seen and len(seen) < limit:
+                seen[id(parent)] = parent
+                queue.append(parent)
+    return False
+
+
 def _any_graph_result(result: Any) -> bool:
     if isinstance(result, (list, tuple)):
         return any(_requires_grad(r) for r in result)
@@ -396,6 +525,33 @@ def _any_graph_result(result: Any) -> bool:
 def _site_shape(query: Tensor, key: Tensor) -> Tuple[int, int, int, int]:
     heads = query.shape[-3] if query.dim() >= 4 else 1
     return (query.shape[0], heads, query.shape[-2], key.shape[-2])
+
+
+# Set while relfast.export traces a call (``written_out_attention``); per thread and context.
+_WRITTEN_OUT = contextvars.ContextVar("relfast_attnlrp_written_out_attention", default=False)
+
+
+@contextlib.contextmanager
+def written_out_attention():
+    """Within it, AttnLRP computes ``scaled_dot_product_attention`` as ``A = softmax(q·kᵀ·s + mask)``,
+    ``A·v`` with the uniform rule on each factor of both products (½ each: the gradient reaching
+    ``q`` and ``k`` is ¼, ``v`` ½, as around the fused kernel) instead of the fused kernel. Used by
+    ``relfast.export``: a traced graph then holds plain ops only (no device-specific fused
+    attention, whose backward ONNX cannot express)."""
+    token = _WRITTEN_OUT.set(True)
+    try:
+        yield
+    finally:
+        _WRITTEN_OUT.reset(token)
+
+
+def _written_out_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                      dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                      enable_gqa: bool = False) -> Tensor:
+    repeats = group_size(query, key, enable_gqa)
+    probabilities = attention_probabilities(scaled(query, 0.5), scaled(expand_groups(key, repeats), 0.5), attn_mask,
+                                            is_causal, scale)
+    return torch.matmul(scaled(probabilities, 0.5), scaled(expand_groups(value, repeats), 0.5))
 
 
 def _in_place(func) -> bool:
@@ -419,22 +575,67 @@ def _dropout_active(func, args: Tuple, kwargs: Dict[str, Any]) -> bool:
 def _supported_families():
     from .families.hf_bert import HFBertFamily
     from .families.hf_causal_lm import HFCausalLM
+    from .families.hf_clip import HFClip, HFClipText, HFClipVision
     from .families.hf_vit import HFVisionTransformer
+    from .families.sdpa_module import AnyAttentionModule
     from .families.timm_vit import TimmVisionTransformer
     from .families.torchvision_vit import TorchvisionVisionTransformer
 
-    return (HFCausalLM, HFBertFamily, HFVisionTransformer, TimmVisionTransformer, TorchvisionVisionTransformer)
+    return (HFCausalLM, HFBertFamily, HFVisionTransformer, TimmVisionTransformer, TorchvisionVisionTransformer,
+            HFClip, HFClipVision, HFClipText, AnyAttentionModule)
 
 
-SUPPORTED = ("HuggingFace causal LMs (GPT-2, Llama, Qwen2, Mistral), BERT-family classifiers, ViT/DeiT; timm and "
-             "torchvision ViTs")
+SUPPORTED = ("HuggingFace causal LMs (GPT-2, Llama, Qwen2, Mistral), BERT-family classifiers, ViT/DeiT, CLIP "
+             "(CLIPModel and each tower); timm and torchvision ViTs; any module given a layout, where its ops have "
+             "rules")
 
 
 def check_family(family: Family) -> None:
-    """Refuse a model family the AttnLRP rules are not written and tested for."""
+    """Refuse a model family the AttnLRP rules are not written and tested for (a module given a
+    layout is taken: its forward refuses, by name, any op without a rule)."""
     if type(family) not in _supported_families():
         raise ValueError(f"relfast.Explainer: method 'attnlrp' has no rules yet for {type(family.model).__name__} "
                          f"(supported: {SUPPORTED}); use 'generic'")
+
+
+def _token_embedding(model: torch.nn.Module) -> Optional[Tensor]:
+    """The embedding matrix whose lookups are the text's tokens (CLIP: its text tower's), or None."""
+    for owner in (model, getattr(model, "text_model", None)):
+        getter = getattr(owner, "get_input_embeddings", None)
+        if getter is None:
+            continue
+        try:
+            module = getter()
+        except NotImplementedError:  # HF models without one (CLIPModel)
+            continue
+        if isinstance(module, torch.nn.Embedding):
+            return module.weight
+    return None
+
+
+def _float_input(family: Family, call: ModelCall) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """(pixels (B, C, H, W), token embeddings (B, N, D)): the call's float input leaf, if any,
+    checked before any work."""
+    named = [(name, value) for name, value in list(call.kwargs.items()) +
+             [(f"inputs[{i}]", a) for i, a in enumerate(call.args)]
+             if isinstance(value, Tensor) and value.requires_grad and not name.endswith("mask")]
+    model = type(family.model).__name__
+    if len(named) > 1:
+        raise ValueError(f"relfast.Explainer: method 'attnlrp' reads relevance at one floating-point input, but the "
+                         f"inputs of the {model} model hold {len(named)}: {[name for name, _ in named]}")
+    if not named:
+        if _token_embedding(family.model) is None:
+            raise ValueError(f"relfast.Explainer: method 'attnlrp' reads relevance at a floating-point input of the "
+                             f"{model} model (pixels (B, C, H, W) or token embeddings (B, N, D)) and its inputs hold "
+                             "none; pass the token embeddings instead of token ids")
+        return None, None
+    name, value = named[0]
+    if value.dim() == 4:
+        return value, None
+    if value.dim() == 3:
+        return None, value
+    raise ValueError(f"relfast.Explainer: method 'attnlrp' reads relevance at pixels (B, C, H, W) or token embeddings "
+                     f"(B, N, D); argument 'inputs' ('{name}') has shape {tuple(value.shape)}")
 
 
 class AttnLrpPass:
@@ -443,47 +644,71 @@ class AttnLrpPass:
 
     Args:
         family, call: the call's model and parsed inputs (with their graph leaves).
+        layers: also the relevance of the hidden states entering each block (``relevance``).
+
+    Attributes:
+        layer_maps: what the method keeps of ``relevance``'s per-layer relevance, by stream name
+            (None: a one-stream model).
     """
 
-    def __init__(self, family: Family, call: ModelCall):
+    def __init__(self, family: Family, call: ModelCall, layers: bool = False):
         check_family(family)
-        self.family, self.call = family, call
+        self.family, self.call, self.layers = family, call, layers
+        self._pixels, self._tokens = _float_input(family, call)
         self._capture: Optional[AttnLrpCapture] = None
         self._output: Any = None
         self._scores: Optional[Tensor] = None
-
-    def _pixels(self) -> Optional[Tensor]:
-        floats = [v for v in list(self.call.args) + list(self.call.kwargs.values())
-                  if isinstance(v, Tensor) and v.requires_grad]
-        return floats[0] if floats else None
+        self._readouts: List[Tuple[str, Tensor]] = []  # (kind, tensor): where relevance is read, one per stream
+        self._gradients: Dict[int, List[Any]] = {}  # target -> [gradients, streams yet to read them]
+        self.layer_maps: Dict[Optional[str], Tensor] = {}
 
     def forward(self) -> Tuple[Any, List[Tensor]]:
         """Runs the forward once: (the model's output, one shape-only (B, H, N_q, N_k) tensor per
         attention site seen, for the session's checks; no map is formed)."""
         if self._capture is None:
             model = self.family.model
-            pixels = self._pixels()
-            embeddings = model.get_input_embeddings() if pixels is None and hasattr(model, "get_input_embeddings") else None
-            capture = AttnLrpCapture(getattr(embeddings, "weight", None), pixels)
+            capture = AttnLrpCapture(_token_embedding(model), self._pixels, layers=self.layers)
             try:
                 with torch.enable_grad(), capture:
                     output = self.family.forward(self.call)
             finally:
                 capture.close()
-            name = type(model).__name__
-            if capture.unsupported:
-                names = sorted(set(capture.unsupported))
-                raise ValueError(f"relfast.Explainer: the {name} model applies {', '.join(names)} to its activations, "
-                                 "for which relfast has no AttnLRP rule; use method 'generic'")
-            if len(capture.inputs) != 1:
-                what = "patch embedding (a convolution of the pixels)" if pixels is not None else \
-                    "lookup of its input embeddings"
-                raise ValueError(f"relfast.Explainer: method 'attnlrp' found {len(capture.inputs)} {what} in the "
-                                 f"{name} model's forward; it reads relevance at exactly one")
+            self._check(capture)
+            self._readouts = list(zip(capture.kinds, capture.inputs))
+            if self._tokens is not None:
+                self._readouts.append(("tokens", self._tokens))
             self._capture, self._output = capture, output
-        device = self._capture.inputs[0].device
+        device = self._readouts[0][1].device
         zero = torch.zeros((), device=device)
         return self._output, [zero.expand(*shape) for shape in self._capture.sites]
+
+    def _check(self, capture: AttnLrpCapture) -> None:
+        name = type(self.family.model).__name__
+        if capture.unsupported:
+            names = sorted(set(capture.unsupported))
+            raise ValueError(f"relfast.Explainer: the {name} model applies {', '.join(names)} to its activations, "
+                             "for which relfast has no AttnLRP rule; use method 'generic'")
+        what = {"image": "patch embedding (a convolution of the pixels)", "text": "lookup of its input embeddings"}
+        for kind in ("image", "text"):
+            count = capture.kinds.count(kind)
+            if kind == "image":
+                expected = self._pixels is not None
+            else:  # text read at its lookups unless the model is given pixels or token embeddings
+                expected = self._pixels is None and self._tokens is None
+            if count > 1 or (expected and count == 0):
+                raise ValueError(f"relfast.Explainer: method 'attnlrp' found {count} {what[kind]} in the {name} "
+                                 "model's forward; it reads relevance at exactly one")
+        if not self.layers:
+            return
+        for site, (shape, residual) in enumerate(zip(capture.sites, capture.residuals)):
+            if residual is None:
+                raise ValueError(f"relfast.Explainer: 'layers=True' found no residual connection around attention "
+                                 f"site {site} of the {name} model (a sum x + f(x) whose f runs that attention); it "
+                                 "reads each layer's relevance at the hidden states x entering the block")
+            if residual.dim() != 3 or tuple(residual.shape[:2]) != (shape[0], shape[2]):
+                raise ValueError(f"relfast.Explainer: 'layers=True' found the hidden states entering attention site "
+                                 f"{site} of the {name} model with shape {tuple(residual.shape)}; expected (B, N, D) = "
+                                 f"({shape[0]}, {shape[2]}, D)")
 
     @property
     def scores(self) -> Tensor:
@@ -492,20 +717,70 @@ class AttnLrpPass:
             self._scores = self.family.scores(output, self.call)
         return self._scores
 
-    def input_relevance(self, scalar: Tensor, token_mask: Optional[Tensor], prefix_tokens: int,
-                        retain_graph: bool = False) -> Tensor:
-        """(B, N) AttnLRP relevance of the tokens for ``scalar`` (the explained values summed over
-        the batch): ``x ⊙ ∇x`` summed over the width; images: per patch, prefix tokens 0."""
-        leaf = self._capture.inputs[0]
-        (grad,) = torch.autograd.grad(scalar, leaf, retain_graph=retain_graph, allow_unused=True)
-        if grad is None:
-            grad = torch.zeros_like(leaf)
-        relevance = leaf.detach() * grad
+    def relevance(self, k: int, scalar: Callable[[], Tensor], stream: Optional[Stream], token_mask: Optional[Tensor],
+                  prefix_tokens: int, retain_graph: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        """The k-th target's AttnLRP relevance on one stream (None: the call's one stream): (the
+        input's (B, N), ``x ⊙ ∇x`` summed over the width, images per patch with prefix tokens 0;
+        with ``layers``, (B, L, N) at the hidden states entering each of the stream's L blocks,
+        else None). ``scalar()`` is the explained values summed over the batch; one backward per
+        target serves every stream."""
+        index = self._readout(stream)
+        gradients = self._backward(k, scalar, retain_graph)
+        leaf, grad = self._readouts[index][1], gradients[index]
+        relevance = leaf.detach() * (grad if grad is not None else torch.zeros_like(leaf))
+        sites = stream.sites if stream is not None else list(range(len(self._capture.sites)))
         if leaf.dim() == 4:  # patch embedding (B, D, h, w) -> (B, h·w), prefix tokens first
             per_patch = relevance.sum(dim=1).flatten(1)
-            prefix = per_patch.new_zeros(per_patch.shape[0], prefix_tokens)
-            return torch.cat([prefix, per_patch], dim=1)
-        relevance = relevance.sum(dim=-1)
+            relevance = torch.cat([per_patch.new_zeros(per_patch.shape[0], prefix_tokens), per_patch], dim=1)
+        else:
+            relevance = relevance.sum(dim=-1)
+            tokens = self._capture.sites[sites[0]][2] if sites else relevance.shape[1]
+            if relevance.shape[1] != tokens and relevance.shape[1] + prefix_tokens == tokens:
+                relevance = torch.cat([relevance.new_zeros(relevance.shape[0], prefix_tokens), relevance], dim=1)
+            elif relevance.shape[1] != tokens:
+                raise ValueError(f"relfast.Explainer: the {type(self.family.model).__name__} model's attention covers "
+                                 f"{tokens} tokens but its input embeddings hold {relevance.shape[1]} (and the layout "
+                                 f"{prefix_tokens} prefix tokens)")
+        layers = None
+        if self.layers:
+            first = len(self._readouts)
+            layers = torch.stack([(self._capture.residuals[s].detach() * _or_zeros(gradients[first + s],
+                                                                                    self._capture.residuals[s]))
+                                  .sum(dim=-1) for s in sites], dim=1)
         if token_mask is not None:
-            relevance = relevance * token_mask.to(relevance.device, relevance.dtype)
-        return relevance
+            mask = token_mask.to(relevance.device, relevance.dtype)
+            relevance = relevance * mask
+            layers = layers * mask[:, None] if layers is not None else None
+        return relevance, layers
+
+    def _readout(self, stream: Optional[Stream]) -> int:
+        """The index of the stream's readout (CLIP's "image" and "text"; one-stream models: the one)."""
+        if stream is None:
+            return 0
+        for i, (kind, _) in enumerate(self._readouts):
+            if kind == stream.name or (stream.name == "text" and kind == "tokens"):
+                return i
+        raise ValueError(f"relfast.Explainer: method 'attnlrp' found no input of the {stream.name} stream in the "
+                         f"{type(self.family.model).__name__} model's forward")
+
+    def readout(self, stream: Optional[Stream] = None) -> Tensor:
+        """The graph tensor (after ``forward``) whose ``x ⊙ ∇x`` is the stream's relevance, for
+        callers that take its gradients themselves (``relfast.explain.generate``: batched targets)."""
+        return self._readouts[self._readout(stream)][1]
+
+    def _backward(self, k: int, scalar: Callable[[], Tensor], retain_graph: bool) -> Tuple[Optional[Tensor], ...]:
+        """Target k's gradients at every readout (then, with ``layers``, every site's block
+        input): one backward, kept until each stream has read it."""
+        entry = self._gradients.get(k)
+        if entry is None:
+            wanted = [tensor for _, tensor in self._readouts] + (list(self._capture.residuals) if self.layers else [])
+            gradients = torch.autograd.grad(scalar(), wanted, retain_graph=retain_graph, allow_unused=True)
+            entry = self._gradients[k] = [gradients, len(self._readouts)]
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self._gradients[k]
+        return entry[0]
+
+
+def _or_zeros(grad: Optional[Tensor], like: Tensor) -> Tensor:
+    return grad if grad is not None else torch.zeros_like(like)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .families import Family, family_for
+from .generate import GenerationExplanation, explain_generation
 from .layout import TokenLayout, min_max
 from .methods import METHODS, make_method
 from .session import Session
@@ -45,6 +46,12 @@ class Explanation:
             (DETR's logits and boxes); else None.
         pairs: CLIP: (P, 2) the (image, text) index of each explained pair (row p of the maps and
             logits is pair p); else None.
+        layers: method ``attnlrp`` with ``layers=True``: the latent relevance of each layer, by
+            map name as ``maps``, float32 (B, L, N_stream) or (B, K, L, N_stream): entry l is the
+            relevance of the hidden states entering transformer block l (its residual stream),
+            ``x ⊙ ∇x`` summed over the width, per token (prefix tokens such as a class token
+            included: inside the model they carry relevance), from the same backward as ``maps``
+            (CLIP: "image" over the vision tower's L blocks, "text" over the text tower's). Else None.
     """
 
     logits: Tensor
@@ -57,6 +64,7 @@ class Explanation:
     layouts: Dict[str, TokenLayout] = field(default_factory=dict)
     output: Any = None
     pairs: Optional[Tensor] = None
+    layers: Optional[Dict[str, Tensor]] = None
 
     def __post_init__(self):
         if not self.maps:  # built by hand: the one stream's map
@@ -99,7 +107,7 @@ class Explainer:
             ``nn.MultiheadAttention``) is explained given ``layout``.
         method: "generic" ([P2], default); [P1]'s "transformer_attribution" (LRP-weighted
             attention gradients); or the [P1] baselines "rollout", "raw_attention",
-            "attn_gradcam", "lrp" (plain LRP to the input: a pixel map for images) and
+            "attn_gradcam", "lrp" (LRP to the input: a pixel map for images) and
             "partial_lrp" (the last attention map's LRP relevance); "attnlrp" (AttnLRP, Achtibat
             et al. 2024: token or patch relevance from one forward and one backward).
         layout: a :class:`relfast.TokenLayout` describing the model's tokens; required for models
@@ -113,6 +121,11 @@ class Explainer:
             transformer attribution, ``E_h[(∇A ⊙ R_A)^+]``, over every layer.
         normalize, cross_self_attention: models with cross-attention (LXMERT, DETR): False gives
             the "w/o norm." and "Eq. 10 w/o self-attention" ablations of [P2] (supplement Table 1).
+        rules: the LRP rules of "lrp" and "partial_lrp": "paper" (default; what the papers' public
+            code computes for these baselines) or "textbook" (plain LRP: one αβ denominator, no
+            halved products); docs/METHODS.md states both.
+        layers: method "attnlrp" only: also the relevance of each layer's hidden states
+            (``Explanation.layers``), from the same backward.
 
     Nothing of the model is changed, during or after a call; one explainer may be called from
     several threads at once.
@@ -120,7 +133,8 @@ class Explainer:
 
     def __init__(self, model: torch.nn.Module, method: str = "generic", *, layout: Optional[TokenLayout] = None,
                  start_layer: Optional[int] = None, aggregate: bool = True, full_matrix: bool = False,
-                 use_lrp: bool = False, normalize: bool = True, cross_self_attention: bool = True):
+                 use_lrp: bool = False, normalize: bool = True, cross_self_attention: bool = True,
+                 rules: Optional[str] = None, layers: bool = False):
         if not isinstance(method, str):
             raise ValueError(f"relfast.Explainer: argument 'method' must be a method name (a str), got "
                              f"{type(method).__name__}")
@@ -128,6 +142,7 @@ class Explainer:
             _flag(name, value) for name, value in (("aggregate", aggregate), ("full_matrix", full_matrix),
                                                    ("use_lrp", use_lrp), ("normalize", normalize),
                                                    ("cross_self_attention", cross_self_attention)))
+        layers = _flag("layers", layers)
         if not aggregate and method != "generic":
             raise ValueError("relfast.Explainer: argument 'aggregate=False' is an ablation of method 'generic' only")
         if full_matrix and method not in ("generic", "rollout"):
@@ -156,7 +171,8 @@ class Explainer:
         self._method = make_method(method, start_layer=start_layer, aggregate=None if aggregate else False,
                                    full_matrix=True if full_matrix else None, use_lrp=use_lrp or None,
                                    normalize=None if normalize else False,
-                                   cross_self_attention=None if cross_self_attention else False)
+                                   cross_self_attention=None if cross_self_attention else False, rules=rules,
+                                   layers=True if layers else None)
         self._method.check_family(self.family)
         self.model = model
         self.method = method
@@ -190,8 +206,23 @@ class Explainer:
         result = self._explain(inputs, targets)
         return Explanation(result.scores, result.explained, result.relevance, self.layout, self.full_matrix,
                            pixel_level=self._method.pixel_level and self.layout.is_vision, maps=result.maps,
-                           layouts=result.layouts, output=result.output, pairs=result.pairs)
+                           layouts=result.layouts, output=result.output, pairs=result.pairs, layers=result.layers)
 
     def _explain(self, inputs: Any, targets: Targets, traced: bool = False):
         """One session (a ``SessionResult``). ``relfast.export`` traces this with ``traced=True``."""
         return Session(self.family, self._method, targets, traced=traced).run(inputs)
+
+    def generate(self, inputs: Any, max_new_tokens: int, *, chunk_size: Optional[int] = None, tokenizer: Any = None,
+                 **generate_kwargs) -> "GenerationExplanation":
+        """Causal LMs: generate with the model's own ``generate`` and explain every generated token
+        against the prompt and the tokens before it (``relfast.explain.generate``).
+
+        ``inputs``: the prompt batch (input_ids and attention_mask, padded on the left); the other
+        keyword arguments go to ``model.generate`` as given (greedy or sampled, cache and
+        generation config as configured). One forward over prompt + answer serves all T rows; their
+        backwards run ``chunk_size`` generated tokens at a time as one batched backward (default
+        8; memory grows with it, the result does not change). ``tokenizer``: also decode the answer
+        and the tokens. Methods "generic" (``start_layer``, ``aggregate`` apply) and "attnlrp".
+        Returns a :class:`relfast.explain.generate.GenerationExplanation`, relevance (B, T, N)."""
+        return explain_generation(self, inputs, max_new_tokens, chunk_size=chunk_size, tokenizer=tokenizer,
+                                  **generate_kwargs)

@@ -34,6 +34,7 @@ class SessionResult:
         layouts: the token layout of each map.
         output: the model's output, detached, where the family keeps it (DETR's logits and boxes).
         pairs: CLIP: (P, 2) the (image, text) index of each explained pair; else None.
+        layers: attnlrp with ``layers=True``: per-layer relevance by map name; else None.
     """
 
     scores: Tensor
@@ -43,6 +44,7 @@ class SessionResult:
     layouts: Dict[str, TokenLayout]
     output: Any = None
     pairs: Optional[Tensor] = None
+    layers: Optional[Dict[str, Tensor]] = None
 
 
 class Session:
@@ -68,8 +70,10 @@ class Session:
             self.family.check_values(call)
         self.family.check_attention_implementation()
         gradients = self.method.needs_gradients
-        # LRP-only methods: the relevance forward is the call's only forward
-        relevance_only = self.method.uses_relevance_pass and not gradients
+        # LRP methods: the relevance forward is the call's only forward (transformer attribution
+        # takes its gradients from that forward's graph too)
+        relevance_only = self.method.uses_relevance_pass and (not gradients or
+                                                              self.method.gradients_from_relevance_pass)
         with torch.enable_grad() if gradients or relevance_only else torch.no_grad():
             if gradients or relevance_only:
                 call = _graph_inputs(call)
@@ -92,8 +96,8 @@ class Session:
                 check_class_range(explained, scores.shape[-1])
             run = Run(records, call.rows, call.token_mask, self.family.layout, scores, explained, targets,
                       row_weights=None if plan is not None else self.family.explained_row_weights(call, _device(call)))
-            if self.method.uses_relevance_pass:  # a second forward, run when the method first asks
-                run.relevance_pass = relevance_pass or self.method.relevance_pass(self.family, call, len(records))
+            if self.method.uses_relevance_pass:
+                run.relevance_pass = relevance_pass
             try:
                 maps, layouts = self._relevance(run, plan, call)
             except ValueError as error:  # a relfast op refused overflowing gradients: say it as the explainer
@@ -105,13 +109,15 @@ class Session:
         kept = _detached(output) if self.family.keeps_output else None
         if call.pairs is not None:  # CLIP: each row's scores are its pair's one similarity; say which text it is
             explained = call.pairs[:, 1]
-        return SessionResult(scores.detach(), explained, next(iter(maps.values())), maps, layouts, kept, call.pairs)
+        layers = self.method.layer_maps(run, maps)  # attnlrp's layers=True (else None)
+        return SessionResult(scores.detach(), explained, next(iter(maps.values())), maps, layouts, kept, call.pairs,
+                             layers)
 
     def _relevance(self, run: Run, plan, call: ModelCall):
         """The method on the call's streams: (maps by name, their layouts), float32."""
         if plan is None:
             relevance = self.method.relevance(run).detach().float()
-            maps = self.family.split_maps(relevance, call)
+            maps = self.family.split_maps(relevance, call, raw=self.method.raw_maps)
             return maps, {name: self.family.map_layout(name) for name in maps}
         if isinstance(plan, IndependentStreams):
             maps = {}
@@ -123,7 +129,7 @@ class Session:
             maps = {name: m.detach().float() for name, m in self.method.relevance(run).items()}
         else:
             raise TypeError(f"relfast: unknown stream plan {type(plan).__name__}")
-        maps = self.family.finish_maps(maps, call)
+        maps = self.family.finish_maps(maps, call, raw=self.method.raw_maps)
         return maps, {stream.name: stream.layout for stream in plan.streams}
 
     def _forward(self, call: ModelCall) -> Tuple[Any, List[AttentionRecord]]:

@@ -18,6 +18,7 @@ from torch._decomp import get_decompositions
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .. import reference
+from ..explain.attnlrp import written_out_attention
 from ..explain.explainer import Explainer
 from ..explain.methods import ATTENTION_METHODS
 from ..explain.targets import Targets
@@ -101,16 +102,21 @@ def _trace_batch(named: Dict[str, Tensor]) -> int:
     return next(b for b in range(2, 64) if b not in other_sizes)
 
 
-# Methods whose exported file matches the eager explainer (tests/test_export.py). The plain-LRP
-# baselines trace too, but ONNX Runtime's float32 arithmetic moves their safe divisions by up to a
-# few percent of the map.
-EXPORTABLE_METHODS = ATTENTION_METHODS + ("transformer_attribution",)
+# Methods whose exported file matches the eager explainer (tests/test_export.py,
+# tests/test_export_attnlrp.py). The plain-LRP baselines trace too, but ONNX Runtime's float32
+# arithmetic moves their safe divisions by up to a few percent of the map. attnlrp takes the
+# families its rules are written for (relfast.explain.attnlrp.check_family refuses the others when
+# the explainer is made).
+EXPORTABLE_METHODS = ATTENTION_METHODS + ("transformer_attribution", "attnlrp")
 
 
 def _check_exportable(explainer: Explainer, named: Dict[str, Tensor], dynamic_sequence: bool) -> None:
     if explainer.method not in EXPORTABLE_METHODS:
         raise ValueError(f"relfast.export: method {explainer.method!r} is not exportable yet; exportable: "
                          f"{', '.join(EXPORTABLE_METHODS)}")
+    if getattr(explainer._method, "layers", False):
+        raise ValueError("relfast.export: the explainer's option layers=True (per-layer relevance) is not exportable "
+                         "yet: the file returns the input relevance only; export an explainer made without it")
     if explainer.family.needs_callable_target:
         raise ValueError(f"relfast.export: the {type(explainer.model).__name__} model has no classification head; "
                          "its explanations need a callable target, which an exported graph cannot take")
@@ -135,7 +141,9 @@ def _explanation_function(explainer: Explainer, names: List[str], seen: Dict[str
         *model_args, target = args
         inputs = dict(zip(names, model_args)) if len(names) > 1 else model_args[0]
         # In the graph: -1 selects the predicted class (DETR: the best query; CLIP: text b for image b).
-        result = explainer._explain(inputs, Targets(graph_tensor=target), traced=True)
+        # attnlrp's attention as plain ops (its fused-kernel backward has no ONNX or portable form)
+        with written_out_attention():
+            result = explainer._explain(inputs, Targets(graph_tensor=target), traced=True)
         extra_maps = {f"{name}_relevance": value for name, value in list(result.maps.items())[1:]}
         extra = {**extra_maps, **explainer.family.export_outputs(result.output)}
         seen["outputs"] = list(OUTPUT_NAMES) + list(extra)

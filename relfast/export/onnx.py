@@ -25,6 +25,18 @@ class _QuietEmptyIndexList(logging.Filter):
         return not record.getMessage().startswith("Attribute type is ambiguous because it is an empty sequence")
 
 
+def _check_float32(explainer: Explainer) -> None:
+    """ONNX files are written for float32 models: in other dtypes ONNX Runtime's CPU provider cannot
+    run the graph (seen: float64 has no Erf kernel, float16 no ScatterElements with reduction 'add',
+    bfloat16 not even Add; the generic method's graphs mix float32 into them and fail to load)."""
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in explainer.model.parameters() if p.is_floating_point()})
+    if dtypes and dtypes != ["float32"]:
+        raise ValueError(f"relfast.export.to_onnx: the {type(explainer.model).__name__} model's parameters are "
+                         f"{', '.join(dtypes)}; ONNX export takes float32 models (in other dtypes ONNX Runtime cannot "
+                         "run the graph): export model.float(), or use relfast.export.to_torchscript, which keeps "
+                         "the model's dtype")
+
+
 def to_onnx(explainer: Explainer, example_inputs: Any, path: Union[str, Path], *,
             dynamic_batch: Optional[bool] = None, dynamic_sequence: Optional[bool] = None,
             opset_version: Optional[int] = None, check: bool = True) -> Path:
@@ -42,8 +54,9 @@ def to_onnx(explainer: Explainer, example_inputs: Any, path: Union[str, Path], *
     inputs is stored in the model's metadata (key ``"relfast"``, JSON).
 
     Args:
-        explainer: a ``relfast.Explainer`` (method ``generic``, ``rollout``, ``raw_attention`` or
-            ``attn_gradcam``; ``full_matrix`` and ``aggregate`` are kept).
+        explainer: a ``relfast.Explainer`` of a float32 model (method ``generic``, ``rollout``,
+            ``raw_attention``, ``attn_gradcam``, ``transformer_attribution`` or ``attnlrp``;
+            ``full_matrix`` and ``aggregate`` are kept).
         example_inputs: a tensor or a dict of tensors as the explainer takes them; any batch size.
         path: the .onnx file to write (its folder is created if missing).
         dynamic_batch: the batch size is free (default; DETR: fixed, its position embeddings are
@@ -63,6 +76,8 @@ def to_onnx(explainer: Explainer, example_inputs: Any, path: Union[str, Path], *
                                       or opset_version < MIN_OPSET):
         raise ValueError(f"relfast.export.to_onnx: argument 'opset_version' must be an int >= {MIN_OPSET} (the "
                          f"exporter's oldest opset) or None, got {opset_version!r}")
+    if isinstance(explainer, Explainer):  # else trace names the argument
+        _check_float32(explainer)
     traced = trace(explainer, example_inputs, decompose=True, dynamic_batch=dynamic_batch,
                    dynamic_sequence=dynamic_sequence)
     dims = {BATCH: torch.export.Dim(BATCH, min=1), SEQUENCE: torch.export.Dim(SEQUENCE, min=2)}

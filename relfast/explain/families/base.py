@@ -195,15 +195,16 @@ class Family:
         (then the explained row is that mean of rows); None for one token (``explained_rows``)."""
         return None
 
-    def split_maps(self, relevance: Tensor, call: ModelCall) -> Dict[str, Tensor]:
-        """One stream's explained rows as named maps."""
+    def split_maps(self, relevance: Tensor, call: ModelCall, raw: bool = False) -> Dict[str, Tensor]:
+        """One stream's explained rows as named maps. ``raw``: the method's maps are relevance to
+        keep as computed (attnlrp), without the family's readout normalisation."""
         return {"image" if self.layout.is_vision else "text": relevance}
 
     def map_layout(self, name: str) -> TokenLayout:
         return self.layout
 
-    def finish_maps(self, maps: Dict[str, Tensor], call: ModelCall) -> Dict[str, Tensor]:
-        """Multi-stream maps as the model's reference reads them out."""
+    def finish_maps(self, maps: Dict[str, Tensor], call: ModelCall, raw: bool = False) -> Dict[str, Tensor]:
+        """Multi-stream maps as the model's reference reads them out (``raw``: as ``split_maps``)."""
         return maps
 
 

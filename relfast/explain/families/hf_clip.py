@@ -11,6 +11,10 @@ b with text b (equal batch sizes), a (B_i,) tensor or list gives the text of eac
 is one row of the engine's batch (its own image and text forward), so every pair's gradient is
 its own; the explanation's ``pairs`` says which is which and ``logits`` (P, 1) holds each pair's
 similarity logit.
+
+Method ``attnlrp`` keeps the same maps, pairs and targets, but each map is AttnLRP relevance of the
+pair's logit as computed (``raw``: per patch, per token, not divided by a sum; each tower's sums to
+half the logit: ``relfast.explain.attnlrp``).
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -164,8 +168,9 @@ class HFClip(HFFamily):
         call.extras["eot"] = text.rows
         return IndependentStreams([image, text])
 
-    def finish_maps(self, maps, call):
-        maps["text"] = words_between(maps["text"], call.extras["eot"])
+    def finish_maps(self, maps, call, raw=False):
+        if not raw:  # attnlrp: every token's relevance, as computed (it sums to the pair's logit)
+            maps["text"] = words_between(maps["text"], call.extras["eot"])
         return maps
 
 
@@ -259,8 +264,8 @@ class HFClipText(HFFamily):
     def explained_rows(self, call, num_tokens, device):
         return eot_rows(call.kwargs["input_ids"], self.model.config.eos_token_id).to(device)
 
-    def split_maps(self, relevance, call):
-        return {"text": words_between(relevance, call.rows)}
+    def split_maps(self, relevance, call, raw=False):
+        return {"text": relevance if raw else words_between(relevance, call.rows)}
 
     def scores(self, output, call):
         embeds = getattr(output, "text_embeds", None)

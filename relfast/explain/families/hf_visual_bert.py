@@ -84,10 +84,11 @@ class HFVisualBert(Family):
             return torch.zeros(call.batch, dtype=torch.long, device=device)  # the pooler's [CLS]
         return (call.kwargs["attention_mask"].sum(1) - 2).long().to(device)  # what the QA head gathers
 
-    def split_maps(self, relevance, call):
+    def split_maps(self, relevance, call, raw=False):
         text_tokens = call.extras["text_tokens"]
         text = relevance[..., :text_tokens].clone()
-        rows = call.rows.to(text.device)
-        samples = torch.arange(text.shape[0], device=text.device)
-        text[samples, ..., rows] = 0  # the explained token's own entry
+        if not raw:
+            rows = call.rows.to(text.device)
+            samples = torch.arange(text.shape[0], device=text.device)
+            text[samples, ..., rows] = 0  # the explained token's own entry
         return {"text": text, "image": relevance[..., text_tokens:]}

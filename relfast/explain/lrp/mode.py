@@ -30,7 +30,7 @@ a rule is cast (``rules.widened``; weights per use inside the rules), embeddings
 so the activations and relevance between rules are float32. The model itself is not cast.
 """
 import inspect
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +39,9 @@ from torch.overrides import TorchFunctionMode
 
 from ..capture.mode import _bind_sdpa, detached_parameters, training_error
 from ..capture.records import attention_bias, expand_groups, group_size, sdpa_scale
-from .rules import (HALF, AddRule, Conv2dRule, LinearRule, MatMulRule, MeanRule, ProductRule, dims_of, pass_through,
-                    widened)
+from .paper_rules import RuleSet, conv_rule, linear_rule
+from .rules import (HALF, AddRule, MatMulRule, MeanRule, PassState, ProductRule,
+                    SameSourceProduct, dims_of, pass_through, rules_of, widened)
 
 T = torch.Tensor
 _SOFTMAX = {torch.softmax, F.softmax, T.softmax, torch.special.softmax}
@@ -77,8 +78,9 @@ def _graph(value: Any) -> bool:
 
 
 class RelevanceCapture(TorchFunctionMode):
-    """One relevance forward. ``conserve``: the CVPR method's rules (matmul relevance halved, Eq. 9
-    on sums); False: plain LRP.
+    """One relevance forward under ``rules`` (a :class:`~.paper_rules.RuleSet`, its name, or True
+    for the CVPR method's rules and False for the textbook ones). ``state``: the pass the rules
+    made in this forward belong to (whether its backwards may compute gradients instead).
 
     Attributes:
         attention: the attention maps (B, H, N_q, N_k) of the forward, in order (graph tensors).
@@ -86,9 +88,11 @@ class RelevanceCapture(TorchFunctionMode):
         unsupported: names of ops on activations that have no rule.
     """
 
-    def __init__(self, conserve: bool):
+    def __init__(self, rules: Union[RuleSet, str, bool], state: Optional[PassState] = None):
         super().__init__()
-        self.conserve = conserve
+        self.rule_set = RuleSet.of(rules)
+        self.state = state if state is not None else PassState()
+        self._rules = None
         self.attention: List[Tensor] = []
         self.embeddings: List[Tuple[Tensor, Tensor]] = []
         self.unsupported: List[str] = []
@@ -96,10 +100,18 @@ class RelevanceCapture(TorchFunctionMode):
         self._source: Dict[int, Tuple[Tensor, Tensor]] = {}  # id -> (tensor, the activation it is element-wise of)
         self._root: Dict[int, Tuple[Tensor, Tensor]] = {}  # id -> (tensor, the activation it is a linear image of)
 
+    def __enter__(self):
+        self._rules = rules_of(self.state)  # the rule functions made in this forward belong to this pass
+        self._rules.__enter__()
+        return super().__enter__()
+
     def __exit__(self, *exc):
         self._source.clear()  # what the forward tracked is not kept with the pass
         self._root.clear()
-        return super().__exit__(*exc)
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._rules.__exit__(*exc)
 
     @staticmethod
     def _origin(table: Dict[int, Tuple[Tensor, Tensor]], t: Tensor) -> Tensor:
@@ -178,12 +190,12 @@ class RelevanceCapture(TorchFunctionMode):
     def _rule(self, func, args: Tuple, kwargs: Dict[str, Any]) -> Tuple[bool, Any]:
         if func is F.linear:  # the weights stay as they are: LinearRule casts them per use
             x, weight, bias = _params(args, kwargs, ("input", "weight", "bias"))
-            return True, LinearRule.apply(self._widen(x), weight, bias)
+            return True, linear_rule(self.rule_set).apply(self._widen(x), weight, bias)
         if func in _ADDMM:  # bias + x·W (GPT-2's Conv1D): the linear rule with the weight transposed
             bias, x, weight, beta, alpha = _params(args, kwargs, ("input", "mat1", "mat2", "beta", "alpha"))
             if (_graph(x) and not _graph(weight) and not _graph(bias) and beta in (None, 1) and alpha in (None, 1)
                     and isinstance(bias, Tensor) and bias.dim() == 1):
-                return True, LinearRule.apply(self._widen(x), weight.transpose(0, 1), bias)
+                return True, linear_rule(self.rule_set).apply(self._widen(x), weight.transpose(0, 1), bias)
             return False, None
         if func is F.conv2d:
             return True, self._conv2d(*args, **kwargs)
@@ -192,59 +204,64 @@ class RelevanceCapture(TorchFunctionMode):
         if func in _PASS_THROUGH:
             if func in (F.dropout, torch.dropout) and _dropout_active(func, args, kwargs):
                 raise training_error("dropout")
-            result = pass_through(lambda x: func(x, *args[1:], **kwargs), args[0])
+            kind = "linear" if func in (F.dropout, torch.dropout) else "nonlinear"  # dropout: eval only
+            result = pass_through(lambda x: func(x, *args[1:], **kwargs), args[0], kind=kind)
             return True, self._elementwise(result, args[0]) if func in _ELEMENTWISE else result
         if func in _POW or func in _RSQRT or func in _NEG:  # element-wise functions of one activation
             exponent = kwargs.get("exponent", args[1] if len(args) > 1 else None)
             if func in _POW and not (isinstance(exponent, (int, float)) and _graph(args[0])):
                 return False, None
-            result = pass_through(lambda x: func(x, *args[1:], **kwargs), args[0])
+            result = pass_through(lambda x: func(x, *args[1:], **kwargs), args[0],
+                                  kind="linear" if func in _NEG else "nonlinear")
             return True, self._elementwise(result, args[0], linear=func in _NEG)
         if func in _SOFTMAX:
-            probabilities = pass_through(lambda x: func(x, *args[1:], **kwargs), args[0])
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            last = dim in (-1, args[0].dim() - 1)
+            probabilities = pass_through(lambda x: func(x, *args[1:], **kwargs), args[0],
+                                         kind="softmax" if last else "nonlinear")
             if probabilities.dim() == 4 and dim in (-1, 3):
                 self.attention.append(probabilities)
             return True, probabilities
         if func in _MATMUL:
             u, v = args[0], kwargs.get("other", args[1] if len(args) > 1 else None)
             if _graph(u) and _graph(v):
-                return True, MatMulRule.apply(u, v, self.conserve)
+                return True, MatMulRule.apply(u, v, self.rule_set.halve_products)
             return False, None  # a product with a constant matrix: no rule (refused after the call)
         if func in _ADD:
             if kwargs.get("alpha", 1) != 1 or len(args) > 2:
                 return False, None
             u, v = args[0], kwargs.get("other", args[1] if len(args) > 1 else None)
             if not isinstance(v, Tensor):  # + a Python number: a shift, relevance passes
-                return True, self._elementwise(pass_through(lambda x: torch.add(x, v), u), u)
+                return True, self._elementwise(pass_through(lambda x: torch.add(x, v), u, kind="linear"), u)
             if not isinstance(u, Tensor):
-                return True, self._elementwise(pass_through(lambda x: torch.add(x, u), v), v)
+                return True, self._elementwise(pass_through(lambda x: torch.add(x, u), v, kind="linear"), v)
             if not _graph(u):
                 u, v = v, u
             if not _graph(v):
-                return True, self._elementwise(AddRule.apply(u, v, self.conserve), u)
+                return True, self._elementwise(AddRule.apply(u, v, self.rule_set.normalise_sums), u)
             if self._origin(self._root, u) is self._origin(self._root, v):
                 # two linear images of one activation (rotary embeddings): that map's z-rule
                 return True, self._elementwise(AddRule.apply(u, v, False), u, linear=True)
-            result = AddRule.apply(u, v, self.conserve)
+            result = AddRule.apply(u, v, self.rule_set.normalise_sums)
             return True, self._elementwise(result, u) if self._same_source(u, v) else result
         if func in _SCALE:
             x, c = args[0], kwargs.get("other", args[1] if len(args) > 1 else None)
             compute = _OUT_OF_PLACE.get(func, func)  # in place, the rule's forward would edit its own input
             options = {k: v for k, v in kwargs.items() if k != "other"}
             if _graph(x) and not _graph(c):
-                return True, self._elementwise(pass_through(lambda t: compute(t, c, **options), x), x, linear=True)
+                return True, self._elementwise(pass_through(lambda t: compute(t, c, **options), x, kind="linear"), x,
+                                               linear=True)
             if compute is torch.mul and _graph(c) and not _graph(x):
-                return True, self._elementwise(pass_through(lambda t: torch.mul(x, t), c), c, linear=True)
+                return True, self._elementwise(pass_through(lambda t: torch.mul(x, t), c, kind="linear"), c,
+                                               linear=True)
             if options or not (_graph(x) and _graph(c)):
                 return False, None
             source = self._origin(self._source, x)
             if self._same_source(x, c) and torch.broadcast_shapes(x.shape, c.shape) == source.shape:
                 # one activation or normalisation written out (gelu_new, RMSNorm): relevance passes
-                value = compute(x.detach(), c.detach())
-                return True, self._elementwise(pass_through(lambda t: value.clone(), source), source)
+                return True, self._elementwise(SameSourceProduct.apply(x, c, source, compute is torch.div), source)
             if compute is torch.mul:  # a gated MLP's act(gate) * up: the product rule
-                return True, ProductRule.apply(x, c, self.conserve)
+                return True, ProductRule.apply(x, c, self.rule_set.halve_products)
             return False, None  # a division by another activation: no rule
         if func in _MEAN:
             x = args[0]
@@ -268,16 +285,19 @@ class RelevanceCapture(TorchFunctionMode):
                 self.unsupported.append(f"conv2d(padding={padding!r})")
                 return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
             padding = 0
-        return Conv2dRule.apply(self._widen(input), weight, bias, stride, padding, dilation, groups)
+        # the call's image is a leaf of the graph (activations are not): the pixel layer
+        pixels = _graph(input) and input.is_leaf
+        return conv_rule(self.rule_set, pixels).apply(self._widen(input), weight, bias, stride, padding, dilation,
+                                                      groups)
 
     def _attention(self, query: Tensor, key: Tensor, value: Tensor, bias: Optional[Tensor], scale: float) -> Tensor:
         """softmax(q·kᵀ·scale + bias)·v with the matmul rule on both products; the map is recorded.
         The mask bias is a constant added to the scores: relevance passes it unchanged."""
-        scores = MatMulRule.apply(query, key.transpose(-2, -1), self.conserve)
-        logits = pass_through(lambda s: s * scale if bias is None else s * scale + bias, scores)
-        probabilities = pass_through(lambda s: torch.softmax(s, dim=-1), logits)
+        scores = MatMulRule.apply(query, key.transpose(-2, -1), self.rule_set.halve_products)
+        logits = pass_through(lambda s: s * scale if bias is None else s * scale + bias, scores, kind="linear")
+        probabilities = pass_through(lambda s: torch.softmax(s, dim=-1), logits, kind="softmax")
         self.attention.append(probabilities)
-        return MatMulRule.apply(probabilities, value, self.conserve)
+        return MatMulRule.apply(probabilities, value, self.rule_set.halve_products)
 
     def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if dropout_p > 0:
@@ -305,13 +325,14 @@ class RelevanceCapture(TorchFunctionMode):
             return F.multi_head_attention_forward(*args, **kwargs)
         length, batch, width = query.shape
         heads = a["num_heads"]
-        q, k, v = LinearRule.apply(self._widen(query), a["in_proj_weight"], a["in_proj_bias"]).chunk(3, dim=-1)
+        linear = linear_rule(self.rule_set)
+        q, k, v = linear.apply(self._widen(query), a["in_proj_weight"], a["in_proj_bias"]).chunk(3, dim=-1)
 
         def split(t):  # (L, B, E) -> (B, H, L, d)
             return t.reshape(length, batch, heads, width // heads).permute(1, 2, 0, 3)
 
         out = self._attention(split(q), split(k), split(v), None, (width // heads) ** -0.5)
-        out = LinearRule.apply(out.permute(2, 0, 1, 3).reshape(length, batch, width), a["out_proj_weight"],
+        out = linear.apply(out.permute(2, 0, 1, 3).reshape(length, batch, width), a["out_proj_weight"],
                                a["out_proj_bias"])
         if not a["need_weights"]:
             return out, None

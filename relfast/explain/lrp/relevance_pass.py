@@ -1,12 +1,14 @@
 """The relevance pass of one call: the model's forward under :class:`RelevanceCapture`, run once
 on first use, then one backward per target seeded with the one-hot target at the scores."""
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ..families import Family, ModelCall
 from .mode import RelevanceCapture
+from .paper_rules import RuleSet
+from .rules import PassState
 
 __all__ = ["RelevancePass"]
 
@@ -15,20 +17,22 @@ class RelevancePass:
     """Args:
         family, call: the call's model and parsed inputs (``call`` with its graph leaves; its
             explained rows are set by the session before the first backward).
-        conserve: the CVPR method's rules (True) or plain LRP (False).
-        sites: the number of attention sites the call's main forward saw (None: this pass's
-            forward is the call's only forward).
+        rules: the rule set (a :class:`RuleSet` or its name; True: the CVPR method's, False: the
+            textbook one).
+        gradients: the call also takes the model's gradients from this pass's graph (backwards run
+            under :meth:`computing_gradients`); its rules then keep what gradients need.
     """
 
-    def __init__(self, family: Family, call: ModelCall, conserve: bool, sites: Optional[int] = None):
-        self.family, self.call, self.conserve, self.sites = family, call, conserve, sites
+    def __init__(self, family: Family, call: ModelCall, rules: Union[RuleSet, str, bool], gradients: bool = False):
+        self.family, self.call, self.rules = family, call, RuleSet.of(rules)
+        self.state = PassState(gradients_possible=gradients)
         self._forward: Optional[Tuple[RelevanceCapture, Any]] = None
         self._scores: Optional[Tensor] = None
 
     def forward(self) -> Tuple[Any, List[Tensor]]:
         """Runs the relevance forward once: (the model's output, its attention maps in order)."""
         if self._forward is None:
-            capture = RelevanceCapture(self.conserve)
+            capture = RelevanceCapture(self.rules, self.state)
             with torch.enable_grad(), capture:
                 output = self.family.forward(self.call)
             model = type(self.family.model).__name__
@@ -37,9 +41,6 @@ class RelevancePass:
                 raise ValueError(f"relfast.Explainer: the {model} model applies {', '.join(names)} to its activations, "
                                  "for which relfast has no LRP rule; use method 'generic' (gradient-weighted "
                                  "attention needs no rule per op)")
-            if self.sites is not None and len(capture.attention) != self.sites:
-                raise ValueError(f"relfast.Explainer: the relevance forward of the {model} model saw "
-                                 f"{len(capture.attention)} attention maps where its forward saw {self.sites}")
             self._forward = (capture, output)
         return self._forward[1], self._forward[0].attention
 
@@ -63,6 +64,11 @@ class RelevancePass:
         relevance = torch.autograd.grad(scores, wanted, grad_outputs=seed, retain_graph=retain_graph,
                                         allow_unused=True)
         return [r.detach() if r is not None else torch.zeros_like(w) for r, w in zip(relevance, wanted)]
+
+    def computing_gradients(self):
+        """A context in which backwards through this pass's graph compute the model's gradients
+        (the vector-Jacobian products of the ops its forward computed), not relevance."""
+        return self.state.computing_gradients()
 
     def input_leaves(self) -> List[Tensor]:
         """The tensors input relevance is read at: the float inputs (pixels; half-precision ones at

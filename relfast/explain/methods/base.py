@@ -49,11 +49,12 @@ class Run:
     keep_graph: bool = False  # another stream's backward follows: every backward keeps the graph
     cross_plan: Optional["CrossPlan"] = None  # streams attending to each other (relfast.explain.streams)
     row_weights: Optional[Tensor] = None
+    stream: Optional["Stream"] = None  # independent streams: the stream this run explains (None: the call's one)
 
     def for_stream(self, stream: "Stream", keep_graph: bool) -> "Run":
         """This call as one independent stream: its sites, explained rows, mask and layout."""
         return replace(self, records=[self.records[i] for i in stream.sites], rows=stream.rows,
-                       token_mask=stream.token_mask, layout=stream.layout, keep_graph=keep_graph)
+                       token_mask=stream.token_mask, layout=stream.layout, keep_graph=keep_graph, stream=stream)
 
     @property
     def batch(self) -> int:
@@ -135,9 +136,12 @@ class Method:
     name = "?"
     needs_gradients = True
     uses_relevance_pass = False  # the session then gives the Run a relevance pass
-    conserve = False  # its rules: the CVPR method's (True) or plain LRP's
+    # the relevance forward is the call's only forward, its graph also giving the gradients
+    gradients_from_relevance_pass = False
+    rule_set = "textbook"  # the rules of its relevance pass (a name of relfast.explain.lrp.RuleSet)
     pixel_level = False  # images: relevance over the input's pixels (B, H, W) instead of tokens
     streams_rows = False  # only AttentionRecord.row_update is used: SDPA sites never form A
+    raw_maps = False  # its maps are kept as computed: no family readout normalisation (CLIP's words_between)
     option_defaults: Dict[str, object] = {}
 
     def __init__(self, **options):
@@ -154,15 +158,20 @@ class Method:
     def check_family(self, family) -> None:
         """Refuse, when the explainer is made, a model family the method has no rules for."""
 
-    def relevance_pass(self, family, call, sites: Optional[int] = None) -> "RelevancePass":
+    def relevance_pass(self, family, call) -> "RelevancePass":
         """The call's relevance forward (methods with ``uses_relevance_pass``): [P1]'s rules."""
         from ..lrp import RelevancePass
 
-        return RelevancePass(family, call, self.conserve, sites)
+        return RelevancePass(family, call, self.rule_set, gradients=self.gradients_from_relevance_pass)
 
     def relevance(self, run: Run) -> Tensor:
         """(B, N) rows (or (B, N, N) with full_matrix); (B, K, ...) for K targets per sample."""
         raise NotImplementedError
+
+    def layer_maps(self, run: Run, maps: Dict[str, Tensor]) -> Optional[Dict[str, Tensor]]:
+        """Per-layer relevance by map name, once ``relevance`` has run on every stream (attnlrp's
+        ``layers=True``); None for methods without it."""
+        return None
 
 
 def checked_start_layer(start_layer) -> int:

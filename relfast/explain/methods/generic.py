@@ -26,7 +26,7 @@ class Generic(Method):
     option_defaults = {"aggregate": True, "start_layer": 0, "full_matrix": False, "use_lrp": False,
                        "normalize": True, "cross_self_attention": True}
     cross_options = ("normalize", "cross_self_attention")  # options of the rules 6-11 only
-    conserve = True  # the rules of the relevance pass when use_lrp
+    rule_set = "transformer_attribution"  # the rules of the relevance pass when use_lrp
     relevance_label = "generic (use_lrp=True)"  # how errors about the relevance pass name the method
 
     def __init__(self, aggregate: bool = True, start_layer: int = 0, full_matrix: bool = False, use_lrp: bool = False,
@@ -37,6 +37,7 @@ class Generic(Method):
                 raise ValueError(f"relfast.Explainer: argument '{name}' must be True or False, got {value!r}")
         super().__init__(aggregate=aggregate, start_layer=checked_start_layer(start_layer),
                          _full_matrix=bool(full_matrix), use_lrp=use_lrp, uses_relevance_pass=use_lrp,
+                         gradients_from_relevance_pass=use_lrp,
                          normalize=normalize, cross_self_attention=cross_self_attention)
 
     def check_layers(self, layers: int) -> None:
@@ -72,9 +73,9 @@ class Generic(Method):
 
         def one_target(k: int, retain_graph: bool) -> torch.Tensor:
             state, weights = {}, {}
-            if self.use_lrp:  # the maps' relevance R_A, one relevance backward before the gradients
+            if self.use_lrp:  # the maps' relevance R_A, one relevance backward before the gradients (same graph)
                 weights = dict(zip(sites, run.relevance_pass.backward(run.class_targets(k, self.relevance_label), sites,
-                                                                      retain_graph=retain_graph)))
+                                                                      retain_graph=True)))
 
             def update(site: int, grad: torch.Tensor) -> None:
                 record = run.records[site]
@@ -89,7 +90,11 @@ class Generic(Method):
                 else:  # SDPA sites recompute A and ∇A tile by tile (ops.sdpa_row_relevance_update)
                     state["rows"] = record.row_update(rows, grad, self.aggregate)
 
-            run.attention_gradients(k, sites, update, retain_graph, raw=True)
+            if self.use_lrp:  # ∇A from the relevance forward's graph, its rules computing gradients
+                with run.relevance_pass.computing_gradients():
+                    run.attention_gradients(k, sites, update, retain_graph, raw=True)
+            else:
+                run.attention_gradients(k, sites, update, retain_graph, raw=True)
             return state["rows"] if self.full_matrix else state["rows"][:, 0]
 
         return run.for_each_target(one_target)

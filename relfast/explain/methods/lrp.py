@@ -4,9 +4,13 @@
   ``C = (I + Ā_L) ··· (I + Ā_s)`` without row normalisation, the explained row. ``R_A`` comes from
   the relevance pass with the method's own rules (matmul relevance halved, Eq. 9 on sums); ``∇A``
   from the call's backward, streamed into ``row_relevance_update`` as for the generic rule.
-- ``partial_lrp``: the plain-LRP relevance of the last attention map, ``E_h (R_A)^+``, explained row.
-- ``lrp``: plain LRP to the input: pixels summed over channels (B, H, W) for images, the token
+- ``partial_lrp``: the LRP relevance of the last attention map, ``E_h (R_A)^+``, explained row.
+- ``lrp``: LRP to the input: pixels summed over channels (B, H, W) for images, the token
   embeddings summed over their width (B, N) for text.
+
+The two baselines take the option ``rules``: ``"paper"`` (default), the rules of the papers' public
+code for these baselines; ``"textbook"``, plain LRP with one αβ denominator and no halving
+(``relfast.explain.lrp.paper_rules`` states both).
 """
 import torch
 
@@ -14,8 +18,18 @@ from .base import Method, Run, check_start_layer_range
 from .generic import Generic
 
 
+RULES = ("paper", "textbook")  # the values of the baselines' option ``rules``
+
+
 class _RelevanceMethod(Method):
     uses_relevance_pass = True
+    option_defaults = {"rules": "paper"}
+
+    def __init__(self, rules: str = "paper"):
+        if not isinstance(rules, str) or rules not in RULES:
+            raise ValueError(f"relfast.Explainer: argument 'rules' must be one of {', '.join(map(repr, RULES))}, "
+                             f"got {rules!r}")
+        super().__init__(rules=rules, rule_set=rules)
 
     def class_targets(self, run: Run, k: int) -> torch.Tensor:
         return run.class_targets(k, self.name)
