@@ -12,14 +12,14 @@ The rules, each as the backward it needs (relevance is implicit: ``R = input ⊙
 - LayerNorm / RMSNorm: the identity rule of the normalisation: the standard deviation (rms) is
   held constant in the backward, which then treats the layer as linear (mean removal and the
   scale by ``weight`` kept). Hand-written RMSNorm (HF Llama, Qwen2, Mistral): the square root of
-  an activation (``rsqrt``, ``sqrt``, ``x ** ±0.5``) is taken as a normaliser and held constant.
+  an activation (``rsqrt``, ``sqrt``, ``x ** ±0.5``) is taken as a normaliser and held constant
+  (the statistic under it, ``mean(x²)``, then never joins the graph).
 - L2 normalisation (CLIP's cosine similarity ``img / ‖img‖``, written by HF as
   ``sum(x ** 2) ** 0.5``; ``Tensor.norm``, ``torch.linalg.vector_norm``, ``F.normalize``): the same
   identity rule, the norm held constant: the division is then a product with a constant.
 - element-wise non-linearities (GELU in any form, tanh-GELU written out as HF's ``gelu_new``,
   CLIP's QuickGELU ``x·σ(1.702x)``, SiLU, ReLU, tanh, sigmoid, ...): the identity rule,
-  ``∇x = ∇y ⊙ f(x)/x`` (0 where ``x = 0``), so
-  ``x ⊙ ∇x = f(x) ⊙ ∇y``: relevance passes unchanged. A chain of element-wise ops on one tensor
+  ``∇x = ∇y ⊙ f(x)/x`` (0 where ``x = 0``), so ``x ⊙ ∇x = f(x) ⊙ ∇y``: relevance passes unchanged. A chain of element-wise ops on one tensor
   (``0.5·x·(1 + tanh(c·(x + 0.044715·x³)))``) is one such ``f``: it is computed without a graph and
   joined to it through one identity node where a non-element-wise op first reads it.
 - a product of two activations (a gated MLP's ``act(gate) · up``, the eager attention's ``q·kᵀ``
@@ -96,6 +96,7 @@ _NONLINEAR = {  # element-wise non-linear functions of their (one) activation op
     T.reciprocal, torch.log, T.log, torch.special.expit,
 } | _RDIV
 _POINTWISE = _AFFINE | _NONLINEAR
+_ROW_STATISTICS = {torch.mean, T.mean, torch.sum, T.sum}  # of a non-linear chain: deferred (see _Entry)
 _NORMALISER = {torch.rsqrt, T.rsqrt, torch.sqrt, T.sqrt, torch.norm, T.norm, torch.linalg.vector_norm,
                torch.linalg.norm}
 _POW = {torch.pow, T.pow, T.__pow__}  # x ** ±0.5 of an activation: a normaliser too
@@ -128,21 +129,22 @@ def scaled(x: Tensor, factor: float) -> Tensor:
 
 class _IdentityRule(torch.autograd.Function):
     """``y = f(x)`` given as its value: the gradient ``∇y ⊙ y/x`` (0 where ``x = 0``). The ratio is
-    formed in the backward, so a chain whose value only feeds a normaliser (RMSNorm's ``x²``,
-    held constant) costs nothing."""
+    formed here and kept, not ``x`` and ``y``: ``y`` is often not kept by anything else (a linear
+    layer reading it keeps only its weight)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor):
-        ctx.save_for_backward(x, y)
+        xd = x.detach()
+        ratio = (y / xd).masked_fill_(xd == 0, 0)  # y ⊇ x's shape: f(x, constants)
+        ctx.save_for_backward(ratio)
         ctx.like = (x.shape, x.dtype)
         return y.detach()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, y = ctx.saved_tensors
+        (ratio,) = ctx.saved_tensors
         shape, dtype = ctx.like
-        x = x.detach()
-        g = (grad * y).div_(x).masked_fill_(x == 0, 0)  # y ⊇ x's shape: f(x, constants)
+        g = grad * ratio
         if g.shape != shape:
             g = g.sum_to_size(shape)
         return g.to(dtype), None
@@ -174,17 +176,17 @@ class _LayerNormRule(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, shape, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
-        dims = tuple(range(-len(shape), 0))
-        std = torch.sqrt(x.var(dim=dims, unbiased=False, keepdim=True) + eps)
-        ctx.save_for_backward(std, weight)
-        ctx.dims = dims
-        return F.layer_norm(x, shape, weight, bias, eps)
+        # the layer's own kernel gives 1/std with its output (no second pass over x for it)
+        output, _, inverse_std = torch.native_layer_norm(x, shape, weight, bias, eps)
+        ctx.save_for_backward(inverse_std, weight)
+        ctx.dims, ctx.dtype = tuple(range(-len(shape), 0)), x.dtype
+        return output
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        std, weight = ctx.saved_tensors
+        inverse_std, weight = ctx.saved_tensors
         g = grad * weight if weight is not None else grad
-        return (g - g.mean(dim=ctx.dims, keepdim=True)) / std, None, None, None, None
+        return ((g - g.mean(dim=ctx.dims, keepdim=True)) * inverse_std).to(ctx.dtype), None, None, None, None
 
 
 class _RmsNormRule(torch.autograd.Function):
@@ -210,12 +212,19 @@ class _RmsNormRule(torch.autograd.Function):
 class _Entry:
     """A tensor that is an element-wise function of one activation ``root``. ``nonlinear``: its
     value was computed without a graph and joins it through the identity rule (``seal``);
-    otherwise it is an affine function of ``root`` computed in the graph as usual."""
+    otherwise it is an affine function of ``root`` computed in the graph as usual.
 
-    __slots__ = ("ref", "root", "nonlinear", "sealed")
+    ``replay``: a value computed without a graph that is no element-wise function of an
+    activation (a row statistic of a non-linear chain, such as RMSNorm's ``mean(x²)``, and what
+    is computed from it element-wise): where it joins the graph, its ops are replayed on the
+    joined operands; where only a normaliser reads it (held constant), it never joins. Its
+    ``root`` is None: it is its own."""
 
-    def __init__(self, ref: "weakref.ref", root: Tensor, nonlinear: bool):
-        self.ref, self.root, self.nonlinear, self.sealed = ref, root, nonlinear, None
+    __slots__ = ("ref", "root", "nonlinear", "sealed", "replay")
+
+    def __init__(self, ref: "weakref.ref", root: Optional[Tensor], nonlinear: bool,
+                 replay: Optional[Callable[[], Tensor]] = None):
+        self.ref, self.root, self.nonlinear, self.sealed, self.replay = ref, root, nonlinear, None, replay
 
 
 def _forget(table: Dict[int, _Entry], key: int):
@@ -282,10 +291,24 @@ class AttnLrpCapture(TorchFunctionMode):
         entry = self._entries.get(id(value))
         return entry if entry is not None and entry.ref() is value else None
 
-    def _track(self, tensor: Tensor, root: Tensor, nonlinear: bool) -> Tensor:
+    def _track(self, tensor: Tensor, root: Optional[Tensor], nonlinear: bool,
+               replay: Optional[Callable[[], Tensor]] = None) -> Tensor:
         key = id(tensor)  # the entry leaves the table when its tensor dies (and all at close())
-        self._entries[key] = _Entry(weakref.ref(tensor, _forget(self._entries, key)), root, nonlinear)
+        self._entries[key] = _Entry(weakref.ref(tensor, _forget(self._entries, key)), root, nonlinear, replay)
         return tensor
+
+    def _replay(self, func, args: Tuple, kwargs: Dict[str, Any]) -> Callable[[], Tensor]:
+        return lambda: func(*self._seal(args), **{k: self._seal(v) for k, v in kwargs.items()})
+
+    def _deferred_statistic(self, func, args: Tuple, kwargs: Dict[str, Any]) -> Optional[Tensor]:
+        """``mean``/``sum`` of a value without graph (a non-linear chain): computed as a value too,
+        joined to the graph only if something other than a normaliser reads it."""
+        entry = self._entry(args[0]) if args else None
+        if entry is None or not (entry.nonlinear or entry.replay is not None):
+            return None
+        with torch.no_grad():
+            value = func(*(_value(a) for a in args), **{k: _value(v) for k, v in kwargs.items()})
+        return self._track(value, None, True, self._replay(func, args, kwargs))
 
     def _seal(self, value: Any) -> Any:
         """A value as a graph tensor: a non-linear chain joins the graph through the identity rule."""
@@ -295,13 +318,13 @@ class AttnLrpCapture(TorchFunctionMode):
         if entry is None or not entry.nonlinear:
             return value
         if entry.sealed is None:
-            entry.sealed = _IdentityRule.apply(entry.root, value)
+            entry.sealed = entry.replay() if entry.replay is not None else _IdentityRule.apply(entry.root, value)
         return entry.sealed
 
     def _root(self, value: Any) -> Optional[Tensor]:
         entry = self._entry(value)
         if entry is not None:
-            return entry.root
+            return entry.root if entry.root is not None else value
         return value if isinstance(value, Tensor) and value.requires_grad else None
 
     # -- dispatch --
@@ -325,14 +348,18 @@ class AttnLrpCapture(TorchFunctionMode):
         if func in _POW and _half_power(args, kwargs) and self._involved(args, kwargs):
             with torch.no_grad():  # the square root (or its inverse) of an activation: a normaliser, constant
                 return func(*(_value(a) for a in args), **{k: _value(v) for k, v in kwargs.items()})
+        if func in _NORMALISER and self._involved(args, kwargs):  # a hand-written norm's normaliser: a constant
+            with torch.no_grad():
+                return func(*(_value(a) for a in args), **{k: _value(v) for k, v in kwargs.items()})
         if func in _POINTWISE and self._involved(args, kwargs):
             return self._pointwise(func, args, kwargs)
+        if func in _ROW_STATISTICS:
+            deferred = self._deferred_statistic(func, args, kwargs)
+            if deferred is not None:
+                return deferred
         args, kwargs = self._seal(args), {k: self._seal(v) for k, v in kwargs.items()}
         if not self._graph(args, kwargs):
             return func(*args, **kwargs)
-        if func in _NORMALISER:  # the normaliser of a hand-written norm: a constant
-            with torch.no_grad():
-                return func(*(a.detach() if isinstance(a, Tensor) else a for a in args), **kwargs)
         if func is F.layer_norm:
             return self._layer_norm(*args, **kwargs)
         if func is F.rms_norm:
@@ -395,7 +422,11 @@ class AttnLrpCapture(TorchFunctionMode):
             if nonlinear:  # f(root) as a value; the identity rule joins it to the graph where it is read
                 with torch.no_grad():
                     result = func(*(_value(a) for a in args), **{k: _value(v) for k, v in kwargs.items()})
-                return self._track(result, root, True) if isinstance(result, Tensor) else result
+                if not isinstance(result, Tensor):
+                    return result
+                if any(e is not None and e.replay is not None for e in entries):  # of a deferred statistic
+                    return self._track(result, None, True, self._replay(func, args, kwargs))
+                return self._track(result, root, True)
             result = func(*args, **kwargs)
             return self._track(result, root, False) if isinstance(result, Tensor) else result
         # operands from different activations

@@ -3,7 +3,8 @@
 - ``transformer_attribution`` (the CVPR method): ``Ā_l = E_h[(∇A_l ⊙ R_A_l)^+]``,
   ``C = (I + Ā_L) ··· (I + Ā_s)`` without row normalisation, the explained row. ``R_A`` comes from
   the relevance pass with the method's own rules (matmul relevance halved, Eq. 9 on sums); ``∇A``
-  from the call's backward, streamed into ``row_relevance_update`` as for the generic rule.
+  from a gradient backward through the same pass's graph (its rules then compute vector-Jacobian
+  products), streamed into ``row_relevance_update`` as for the generic rule: one forward per call.
 - ``partial_lrp``: the LRP relevance of the last attention map, ``E_h (R_A)^+``, explained row.
 - ``lrp``: LRP to the input: pixels summed over channels (B, H, W) for images, the token
   embeddings summed over their width (B, N) for text.
