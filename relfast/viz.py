@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["overlay", "save_overlay", "save_side_by_side", "side_by_side_figure", "is_relfast_figure", "text_html", "save_text_html", "regions_heatmap",
-           "save_text_and_image", "save_detections"]
+           "save_text_and_image", "save_detections", "generation_page", "save_generation_page"]
 
 ArrayLike = Union[Tensor, np.ndarray]
 
@@ -386,4 +386,98 @@ def save_detections(image: ArrayLike, boxes: ArrayLike, heatmaps: Sequence[Array
     path = Path(path)
     _save(figure, path, "save_detections")
     plt.close(figure)
+    return path
+
+
+# ---- the page of a generated answer ----
+
+_PAGE_TEMPLATE = Path(__file__).resolve().parent / "assets" / "generation_page.html"
+PAGE_TOP_TOKENS = 3  # the tokens a selected answer token marks as its most relevant (class "hot")
+
+
+def _picture_uri(image: ArrayLike, where: str) -> str:
+    """A PNG data URI of an image ((H, W, 3) / (3, H, W), values in [0, 1] or [0, 255])."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    img = _image_hwc(image, where)
+    buffer = io.BytesIO()
+    Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _row_shares(values: np.ndarray) -> List[float]:
+    """A row on its own scale: the largest |value| is ±1 (rounded, to keep the page small)."""
+    scale = float(np.abs(values).max()) if values.size else 0.0
+    return [round(float(v), 4) for v in (values / scale if scale > 0 else values)]
+
+
+def generation_page(answer, sample: int = 0, image: Optional[ArrayLike] = None, hide_tokens: Sequence[int] = (),
+                    title: Optional[str] = None) -> str:
+    """A self-contained HTML page (no network) of one sample of a generated answer
+    (:class:`relfast.explain.GenerationExplanation`, made with a tokenizer): the prompt and the
+    answer as tokens; clicking (or hovering) a generated token colours the tokens before it by
+    their relevance for it (its row of ``answer.relevance``, on its own scale), and for
+    vision-language answers (``answer.image`` set) draws its patch map over ``image``.
+
+    ``hide_tokens``: ids of prompt tokens not shown (special tokens, image placeholders); the
+    generated tokens and the token the first one was predicted from are always shown. On each
+    selection every token span carries ``data-score`` (its share in [-1, 1]) and the
+    :data:`PAGE_TOP_TOKENS` most relevant ones the class ``hot``."""
+    import json
+
+    where = "relfast.viz.generation_page"
+    strings = getattr(answer, "token_strings", None)
+    if not hasattr(answer, "relevance") or not hasattr(answer, "prompt_length"):
+        raise ValueError(f"{where}: argument 'answer' must be what relfast.Explainer(...).generate returns, got "
+                         f"{type(answer).__name__}")
+    if strings is None:
+        raise ValueError(f"{where}: argument 'answer' has no token strings: make it with "
+                         "Explainer(...).generate(..., tokenizer=tokenizer)")
+    batch = answer.relevance.shape[0]
+    if isinstance(sample, bool) or not isinstance(sample, numbers.Integral) or not 0 <= sample < batch:
+        raise ValueError(f"{where}: argument 'sample' must be an int in [0, {batch}), got {sample!r}")
+    image_maps = getattr(answer, "image", None)
+    if image_maps is not None and image is None:
+        raise ValueError(f"{where}: the answer has image maps; argument 'image' must be the picture they are drawn "
+                         "over ((H, W, 3) or (3, H, W))")
+    picture = _picture_uri(image, where) if image is not None else None
+    prompt = answer.prompt_length
+    ids = answer.sequences[sample].tolist()
+    real = answer.attention_mask[sample].bool().tolist()
+    generated = int(answer.token_mask[sample].sum())
+    hidden = {int(i) for i in hide_tokens}
+    positions = [i for i in range(prompt) if real[i] and (ids[i] not in hidden or i == prompt - 1)]
+    positions += range(prompt, prompt + generated)
+    relevance = _finite(_numpy(answer.relevance[sample]), where, "answer.relevance")
+    rows, top = [], []
+    for t in range(generated):
+        source = prompt + t - 1  # the position whose next-token logit predicted token t
+        before = [p for p in positions if p <= source]
+        values = relevance[t, before].copy()
+        values[-1] = 0.0  # the source's own entry: mostly R's identity, it would set the scale
+        rows.append(_row_shares(values))
+        order = [k for k in np.argsort(-values, kind="stable")[:PAGE_TOP_TOKENS] if values[k] > 0]
+        top.append([int(k) for k in order])
+    data = {"title": title or "what drove each generated token",
+            "tokens": [strings[sample][p] for p in positions], "prompt_length": len(positions) - generated,
+            "rows": rows, "top": top, "logits": [float(v) for v in _numpy(answer.logits[sample, :generated])],
+            "image": picture, "grid": None, "image_rows": None}
+    if image_maps is not None:
+        maps = _finite(_numpy(image_maps[sample, :generated]), where, "answer.image")
+        data["grid"] = list(maps.shape[1:])
+        data["image_rows"] = [_row_shares(m.reshape(-1)) for m in maps]
+    text = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")  # no '</script>' inside the script
+    page = _PAGE_TEMPLATE.read_text(encoding="utf-8")
+    return page.replace("__TITLE__", html.escape(data["title"])).replace("__DATA__", text)
+
+
+def save_generation_page(answer, path: Union[str, Path], sample: int = 0, image: Optional[ArrayLike] = None,
+                         hide_tokens: Sequence[int] = (), title: Optional[str] = None) -> Path:
+    """Writes :func:`generation_page` to ``path``; returns the path."""
+    page = generation_page(answer, sample, image, hide_tokens, title)
+    path = Path(path)
+    path.write_text(page, encoding="utf-8")
     return path

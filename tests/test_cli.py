@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
+from conftest import LM_WORDS
 from relfast.data import make_shapes
 
 
@@ -126,28 +127,7 @@ def test_bad_arguments_fail_clearly(images, args, words):
 
 # ---- causal LMs: which prompt tokens drove the next token (in-process, offline) ----
 
-LM_WORDS = "the cat sat on a mat and dog ran to park with big red ball under tree".split()
-PROMPT = "the big dog ran to the red ball"
-
-
-@pytest.fixture(scope="module")
-def causal_lm_folder(tmp_path_factory):
-    """A tiny random GPT-2 and a word-level tokenizer, saved as a HuggingFace folder."""
-    import tokenizers
-    import torch
-    import transformers
-
-    vocab = {"[UNK]": 0, "[PAD]": 1, **{word: i + 2 for i, word in enumerate(LM_WORDS)}}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]")
-    config = transformers.GPT2Config(vocab_size=len(vocab), n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                                     bos_token_id=None, eos_token_id=None)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("lm")
-    transformers.GPT2LMHeadModel(config).eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+PROMPT = "the big dog ran to the red ball"  # words of the conftest's causal_lm_folder
 
 
 def explain_in_process(capsys, *args):

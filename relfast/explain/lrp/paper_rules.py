@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .rules import EPS, Conv2dRule, LinearRule, _cast, _gradients, _keep_state, _output_padding, safe_divide, widened
+from .rules import (EPS, Conv2dRule, LinearRule, _cast, _gradients, _keep_state, _output_padding, conv_forward,
+                    safe_divide, widened)
 
 __all__ = ["RuleSet", "RULE_SET_NAMES", "SeparateLinearRule", "SeparateConv2dRule", "PixelZBoxConv2dRule", "conv_rule",
            "linear_rule"]
@@ -114,14 +115,6 @@ class SeparateLinearRule(torch.autograd.Function):
         return _separate_alpha_beta(x, relevance, F.linear, lambda s, w: s @ w, weight).to(like.dtype), None, None
 
 
-def _conv_forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int):
-    _keep_state(ctx)
-    ctx.save_for_backward(x, weight)
-    ctx.geometry = (stride, padding, dilation, groups)
-    wide = widened(x)
-    return F.conv2d(wide, _cast(weight, wide), _cast(bias, wide), stride, padding, dilation, groups)
-
-
 def _conv_backward(ctx, relevance: Tensor, rule: Callable[..., Tensor]):
     """The backward of a convolution rule: ``rule(x, weight, relevance, forward, transposed)``
     (``forward``, ``transposed``: the convolution without bias and its input-gradient map), or the
@@ -147,7 +140,7 @@ def _conv_backward(ctx, relevance: Tensor, rule: Callable[..., Tensor]):
 class SeparateConv2dRule(torch.autograd.Function):
     """``F.conv2d`` (not the pixel layer) with the separate-denominator αβ rule."""
 
-    forward = staticmethod(_conv_forward)
+    forward = staticmethod(conv_forward)
 
     @staticmethod
     def backward(ctx, relevance: Tensor):
@@ -173,7 +166,7 @@ class PixelZBoxConv2dRule(torch.autograd.Function):
     ``(x − L)·w⁺ ≥ 0`` and ``(x − H)·w⁻ ≥ 0``, so the papers' plain ``+1e-9`` (no safe division)
     keeps it positive."""
 
-    forward = staticmethod(_conv_forward)
+    forward = staticmethod(conv_forward)
 
     @staticmethod
     def backward(ctx, relevance: Tensor):

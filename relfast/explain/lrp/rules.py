@@ -225,14 +225,17 @@ class LinearRule(torch.autograd.Function):
         return r.view(like.shape).to(like.dtype), None, None
 
 
+def conv_forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int):
+    """The forward of the convolution rules: the layer's own output; keeps its input and weight."""
+    _keep_state(ctx)
+    ctx.save_for_backward(x, weight)
+    ctx.geometry = (stride, padding, dilation, groups)
+    wide = widened(x)
+    return F.conv2d(wide, _cast(weight, wide), _cast(bias, wide), stride, padding, dilation, groups)
+
+
 class Conv2dRule(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int):
-        _keep_state(ctx)
-        ctx.save_for_backward(x, weight)
-        ctx.geometry = (stride, padding, dilation, groups)
-        x = widened(x)
-        return F.conv2d(x, _cast(weight, x), _cast(bias, x), stride, padding, dilation, groups)
+    forward = staticmethod(conv_forward)
 
     @staticmethod
     def backward(ctx, relevance: Tensor):
