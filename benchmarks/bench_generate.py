@@ -15,18 +15,48 @@ Implementations, in one run:
 * ``relfast-chunk1``: the same with ``chunk_size=1`` (one plain backward per generated token);
 * ``single``: 64 single-position calls ``Explainer(model)(cut, target=token)``, the sequence cut
   after the token before each generated token (a forward and a backward each), on the sequences
-  ``relfast`` generated: what a per-token tool pays, generation not included.
+  ``relfast`` generated: what a per-token tool pays, generation not included;
+* ``single-1``: ONE single-position call on the full sequence (prompt + the 64 generated tokens,
+  the model's next token as target), the yardstick of the memory goal (``relfast`` ≤ 2× it);
+* ``captum``: captum 0.9's ``LLMGradientAttribution(LayerGradientXActivation(model, <input
+  embeddings>), tokenizer).attribute(prompt, target=<the answer's tokens>)`` on ``relfast``'s
+  sequences, as a captum user explains a generated answer: one call per sample, the sample's
+  left padding removed (captum takes batch size 1; at batch 4 the four samples one after
+  another), captum's own loop over the 64 tokens inside (a forward over the prompt and the
+  answer so far and a backward of the token's log-probability each), attributions to the prompt;
+* ``inseq``: inseq 0.7's ``input_x_gradient`` (constrained attribution of the same answers, one
+  ``attribute`` call for all samples; inseq runs them one at a time), its target the token's
+  log-probability, attributions to the prompt and the answer so far.
+
+The peers run in their own environment (``$RELFAST_CAPTUM_ENV``, default ``/work/captum-env``:
+torch 2.13 CPU, transformers 5.25, captum 0.9.0, inseq 0.7.1; built by
+``bash scripts/make_captum_env.sh``), driven by ``scripts/captum_generate.py`` and
+``scripts/inseq_generate.py`` over stdin/stdout: the benchmark saves the config, the weights and
+relfast's answer to a file the peer's process loads (same weights, same tokens); an offline
+tokenizer stand-in maps token ``t<i>`` to id ``i``. Without that environment (or without inseq
+in it) their tests skip, saying so.
 
 Before timing, ``relfast``'s rows of the first and the last generated token are compared with the
-single-position calls. Memory: the peak resident set of one call above the resident set before it
-(``bench_scaling.working_memory``); that call is also the warm-up. A table is printed at the end.
+single-position calls, and the peers' attribution matrices (generated token x prompt token) of
+the first, middle and last generated token of each sample with gradient x input computed here on
+the same weights and tokens (the token's log-probability, the input embeddings' output; max
+abs difference over max abs < 1e-4). Memory: the peak resident set of one call above the
+resident set before it (``bench_scaling.working_memory``; the peers' measured the same way in
+their own process, under their torch); that call is also the warm-up. The peers' time is the
+round trip of one ``run`` command (the model loaded beforehand; generation not included). A
+table is printed at the end: time and memory per implementation, and the ratios of the goals:
+the peers' and ``single``'s time over relfast's explanation time (``relfast`` less
+``generation``), and ``relfast``'s memory over ``single-1``'s.
 
     .venv/bin/python -m pytest benchmarks/bench_generate.py --benchmark-only -q -s
 
 ``RELFAST_BENCH_GENERATE_SMOKE=1`` shrinks everything (2 layers, width 64, prompts of 16 tokens,
 8 generated) to check that the file runs, in seconds; its numbers mean nothing.
 """
+import functools
+import json
 import os
+import subprocess
 from collections import defaultdict
 
 import pytest
@@ -45,11 +75,17 @@ else:
     CONFIG = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
     PROMPT, NEW_TOKENS = 256, 64
 BATCHES = (1, 4)
-IMPLS = ("generation", "relfast", "relfast-chunk1", "single")
+IMPLS = ("generation", "relfast", "relfast-chunk1", "single", "single-1", "captum", "inseq")
 NO_END = dict(eos_token_id=None, pad_token_id=0, do_sample=False)
 CPU = torch.device("cpu")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER_ENV = os.environ.get("RELFAST_CAPTUM_ENV", "/work/captum-env")
+PEER_PYTHON = os.path.join(PEER_ENV, "bin", "python")
+PEER_SCRIPTS = {"captum": os.path.join(ROOT, "scripts", "captum_generate.py"),
+                "inseq": os.path.join(ROOT, "scripts", "inseq_generate.py")}
+PEER_TOLERANCE = 1e-4  # max abs difference / max abs, against gradient x input computed here
 
-# batch -> impl -> {"time": median s, "memory": bytes}
+# batch -> impl -> {"time": median s, "memory": bytes} (peers: also "error"), or {"skipped": why}
 GENERATE = defaultdict(dict)
 
 
@@ -58,6 +94,20 @@ def model():
     torch.manual_seed(0)
     config = transformers.GPT2Config(**CONFIG, bos_token_id=None, eos_token_id=None)
     return transformers.GPT2LMHeadModel(config).float().eval()
+
+
+@pytest.fixture(scope="module")
+def answers(model):
+    """batch -> relfast's answer to ``prompts(batch)`` (a GenerationExplanation), made once: the
+    sequences ``single``, ``single-1`` and the peers explain."""
+    explainer = relfast.Explainer(model)
+    made = {}
+
+    def answer(batch):
+        if batch not in made:
+            made[batch] = explainer.generate(prompts(batch), max_new_tokens=NEW_TOKENS, **NO_END)
+        return made[batch]
+    return answer
 
 
 def prompts(batch):
@@ -91,13 +141,96 @@ def check(answer, explainer):
         assert (answer.relevance[:, t, p + t:] == 0).all()
 
 
+# ---- the peers (captum, inseq) in their own environment ----
+
+@functools.lru_cache(maxsize=None)
+def peer_missing(impl):
+    """Why ``impl``'s peer cannot run here (None if it can)."""
+    if not os.path.exists(PEER_PYTHON):
+        return f"no captum/inseq environment at {PEER_ENV} (bash scripts/make_captum_env.sh; RELFAST_CAPTUM_ENV)"
+    probe = subprocess.run([PEER_PYTHON, "-c", f"import {impl}"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        why = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        return f"{impl} does not import in {PEER_ENV} ({why}; bash scripts/make_captum_env.sh)"
+    return None
+
+
+def write_case(path, model, answer):
+    """What the peer's script loads: the config, the weights and relfast's answer."""
+    torch.save(dict(config=model.config.to_dict(), attn_implementation=model.config._attn_implementation,
+                    state_dict=model.state_dict(), sequences=answer.sequences, attention_mask=answer.attention_mask,
+                    prompt_length=answer.prompt_length, tokens=answer.tokens), path)
+
+
+class PeerWorker:
+    """scripts/<peer>_generate.py --serve in the peers' environment, one per test."""
+
+    def __init__(self, impl, case):
+        self.script = os.path.basename(PEER_SCRIPTS[impl])
+        self.proc = subprocess.Popen([PEER_PYTHON, PEER_SCRIPTS[impl], "--case", case, "--serve"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, cwd=ROOT,
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        assert self.read() == "ready"
+
+    def read(self):
+        line = self.proc.stdout.readline().strip()
+        if not line or line.startswith("error"):
+            raise RuntimeError(f"{self.script}: {line or 'exited'} (rc {self.proc.poll()})")
+        return line
+
+    def ask(self, command):
+        self.proc.stdin.write(command + "\n")
+        return self.read()
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
+def gradient_x_input(model, prompt, answer, rows):
+    """Gradient x input of generated tokens ``rows`` of one sample (its prompt without padding):
+    d log p(answer[t] | prompt, answer[:t]) / d(input embeddings' output), times that output,
+    summed over the width, at the prompt's tokens: (len(rows), P_b). One forward over the
+    prompt and the answer (causal: row t's log-probability is the one of the sequence cut after
+    answer[t - 1]), one backward per row."""
+    p = prompt.numel()
+    ids = torch.cat([prompt, answer[:-1]])[None]
+    embeddings = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    log_probs = model(inputs_embeds=embeddings, use_cache=False).logits[0].log_softmax(-1)
+    out = []
+    for t in rows:
+        (grad,) = torch.autograd.grad(log_probs[p + t - 1, answer[t]], embeddings, retain_graph=True)
+        out.append((grad * embeddings)[0, :p].sum(-1).detach())
+    return torch.stack(out)
+
+
+def check_peer(model, answer, matrices):
+    """The peer's (T, P_b) matrices of each sample against gradient x input computed here, at the
+    first, middle and last generated token; returns the largest max-abs-difference / max-abs."""
+    p, count = answer.prompt_length, answer.tokens.shape[1]
+    rows = sorted({0, count // 2, count - 1})
+    assert len(matrices) == answer.tokens.shape[0]
+    worst = 0.0
+    for b, theirs in enumerate(matrices):
+        prompt = answer.sequences[b, :p][answer.attention_mask[b, :p].bool()]
+        tokens = answer.tokens[b][answer.token_mask[b]]
+        assert theirs.shape == (tokens.numel(), prompt.numel()), theirs.shape
+        ours = gradient_x_input(model, prompt, tokens, rows)
+        worst = max(worst, float((theirs[rows] - ours).abs().max() / ours.abs().max()))
+    return worst
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("batch", BATCHES)
-def test_generate(benchmark, model, batch, impl):
-    inputs = prompts(batch)
-    explainer = relfast.Explainer(model)
+def test_generate(benchmark, model, answers, batch, impl, tmp_path):
     benchmark.group = f"generate-B{batch}"
     benchmark.extra_info.update(impl=impl, batch=batch, prompt=PROMPT, new_tokens=NEW_TOKENS, smoke=SMOKE, **CONFIG)
+    if impl in PEER_SCRIPTS:
+        return peer(benchmark, model, answers(batch), batch, impl, tmp_path)
+    inputs = prompts(batch)
+    explainer = relfast.Explainer(model)
     if impl == "generation":
         def run():
             with torch.no_grad():
@@ -107,11 +240,17 @@ def test_generate(benchmark, model, batch, impl):
 
         def run():
             return explainer.generate(inputs, max_new_tokens=NEW_TOKENS, chunk_size=chunk, **NO_END)
-    else:
-        answer = explainer.generate(inputs, max_new_tokens=NEW_TOKENS, **NO_END)
+    elif impl == "single":
+        answer = answers(batch)
 
         def run():
             return single_position_calls(explainer, answer)
+    else:  # single-1
+        answer = answers(batch)
+        full = {"input_ids": answer.sequences, "attention_mask": answer.attention_mask}
+
+        def run():
+            return explainer(full).relevance
     if impl == "relfast":  # correctness before timing
         answer = run()
         assert answer.tokens.shape == (batch, NEW_TOKENS)
@@ -123,6 +262,35 @@ def test_generate(benchmark, model, batch, impl):
         GENERATE[batch][impl] = dict(time=benchmark.stats.stats.median, memory=memory)
 
 
+def peer(benchmark, model, answer, batch, impl, tmp_path):
+    """captum / inseq on relfast's answer, in their environment: memory run (the warm-up), the
+    check of its attributions, then one timed run."""
+    missing = peer_missing(impl)
+    if missing:
+        GENERATE[batch][impl] = dict(skipped=missing)
+        pytest.skip(missing)
+    case = str(tmp_path / "case.pt")
+    write_case(case, model, answer)
+    worker = PeerWorker(impl, case)
+    try:
+        os.remove(case)  # loaded: the weights need not stay on disk
+        benchmark.extra_info.update(json.loads(worker.ask("info")))
+        memory = int(worker.ask("memory"))  # also the warm-up
+        path = str(tmp_path / "attributions.pt")
+        worker.ask(f"attributions {path}")
+        error = check_peer(model, answer, torch.load(path, weights_only=True))
+        benchmark.extra_info["max_abs_diff_over_max"] = error
+        assert error < PEER_TOLERANCE, f"{impl}'s attributions differ from gradient x input here: {error:.1e}"
+        inside = []
+        benchmark.pedantic(lambda: inside.append(json.loads(worker.ask("run"))["time"]), rounds=1, iterations=1,
+                           warmup_rounds=0)
+        benchmark.extra_info.update(peak_memory_bytes=memory, time_in_process=inside[0])
+        if benchmark.stats is not None:
+            GENERATE[batch][impl] = dict(time=benchmark.stats.stats.median, memory=memory, error=error)
+    finally:
+        worker.close()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def table():
     yield
@@ -131,18 +299,32 @@ def table():
 
 
 def generate_table():
-    """Rows of the printed table: time and peak working memory per implementation; the speed-up
-    of relfast's explanation (its time less generation's) over the single-position calls."""
+    """Rows of the printed table: time and peak working memory per implementation (the peers with
+    their check's max abs difference / max abs); the speed-up of relfast's explanation (its time
+    less generation's) over the single-position calls and the peers; relfast's memory over one
+    single-position call's."""
     lines = [f"GPT-2 {CONFIG['n_layer']} layers, width {CONFIG['n_embd']}, prompt {PROMPT}, {NEW_TOKENS} generated, "
              f"CPU float32{' (SMOKE: numbers mean nothing)' if SMOKE else ''}",
              f"{'B':>2} {'impl':<15}{'time s':>9}{'memory MiB':>12}"]
     for batch, results in sorted(GENERATE.items()):
         for impl in IMPLS:
-            if impl in results:
-                r = results[impl]
-                lines.append(f"{batch:>2} {impl:<15}{r['time']:>9.2f}{r['memory'] / 2**20:>12.0f}")
-        if {"generation", "relfast", "single"} <= set(results):
+            r = results.get(impl)
+            if r is None:
+                continue
+            if "skipped" in r:
+                lines.append(f"{batch:>2} {impl:<15}  skipped: {r['skipped']}")
+                continue
+            error = f"  (check: {r['error']:.0e})" if "error" in r else ""
+            lines.append(f"{batch:>2} {impl:<15}{r['time']:>9.2f}{r['memory'] / 2**20:>12.0f}{error}")
+        timed = {impl for impl, r in results.items() if "time" in r}
+        if {"generation", "relfast"} <= timed:
             explain = results["relfast"]["time"] - results["generation"]["time"]
-            ratio = f"{results['single']['time'] / explain:.2f}x" if explain > 0 else "- (generation took longer)"
-            lines.append(f"{batch:>2} single / (relfast - generation) = {ratio}")
+            for other in ("single", "captum", "inseq"):
+                if other in timed:
+                    ratio = f"{results[other]['time'] / explain:.2f}x" if explain > 0 else \
+                        "- (generation took longer)"
+                    lines.append(f"{batch:>2} {other} / (relfast - generation) = {ratio}")
+        if {"relfast", "single-1"} <= timed:
+            ratio = results["relfast"]["memory"] / max(results["single-1"]["memory"], 1)
+            lines.append(f"{batch:>2} relfast memory / single-1 memory = {ratio:.2f} (goal <= 2)")
     return lines
