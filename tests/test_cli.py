@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import LM_WORDS
+from testing import cli_in_process as explain_in_process
 from relfast.data import make_shapes
 
 
@@ -128,19 +129,6 @@ def test_bad_arguments_fail_clearly(images, args, words):
 # ---- causal LMs: which prompt tokens drove the next token (in-process, offline) ----
 
 PROMPT = "the big dog ran to the red ball"  # words of the conftest's causal_lm_folder
-
-
-def explain_in_process(capsys, *args):
-    """``relfast.cli.main`` on ``args``: (exit code, stdout, stderr)."""
-    import relfast.cli
-
-    try:
-        relfast.cli.main(list(args))
-        code = 0
-    except SystemExit as stop:
-        code = stop.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def eager_lm_explanation(folder, target=None):

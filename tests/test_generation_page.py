@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import relfast
-from conftest import LM_WORDS
+from testing import cli_in_process as run_cli
 
 transformers = pytest.importorskip("transformers")
 
@@ -110,7 +110,7 @@ def test_page_refuses_a_sample_out_of_range(answer, sample):
 
 
 def test_page_of_image_maps_needs_the_image(answer):
-    fake = SimpleNamespace(**vars(answer), image=torch.rand(1, NEW_TOKENS, 2, 3))
+    fake = SimpleNamespace(**{**vars(answer), "image": torch.rand(1, NEW_TOKENS, 2, 3)})
     with pytest.raises(ValueError, match="argument 'image' must be the picture"):
         relfast.viz.generation_page(fake)
 
@@ -124,18 +124,6 @@ def test_page_refuses_non_finite_relevance(answer):
 
 
 # ---- the command line ----
-
-def run_cli(capsys, *args):
-    import relfast.cli
-
-    try:
-        relfast.cli.main(list(args))
-        code = 0
-    except SystemExit as stop:
-        code = stop.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
 
 def test_cli_writes_the_page_of_the_answer(causal_lm_folder, answer, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -277,7 +265,7 @@ def test_the_image_overlay_follows_the_selected_token(browser, answer, tmp_path)
     maps = torch.zeros(1, NEW_TOKENS, 2, 3)
     for t in range(NEW_TOKENS):
         maps[0, t].view(-1)[t % 6] = 1.0  # token t: only patch t mod 6 is relevant
-    fake = SimpleNamespace(**vars(answer), image=maps)
+    fake = SimpleNamespace(**{**vars(answer), "image": maps})
     picture = np.full((40, 60, 3), 0.5)
     picture[0, 0] = 0.0  # not a flat picture (min-max normalised for display)
     picture[-1, -1] = 1.0
@@ -301,3 +289,80 @@ def test_the_image_overlay_follows_the_selected_token(browser, answer, tmp_path)
     assert hot == 4, f"token 4's relevant patch is the red one, got cell {hot}: {cells.round()}"
     others = np.delete(cells, 4, axis=0)
     assert np.abs(others[:, 0] - others[:, 1]).max() < 10, "the other patches show the grey picture"
+
+
+# ---- a vision-language model's answer (LLaVA) through the command line ----
+
+VLM_WORDS = "<image> what is in the picture a red ball on grass cat dog blue sky".split()
+VLM_PROMPT = "what is in the picture"
+
+
+@pytest.fixture(scope="module")
+def llava_folder(tmp_path_factory):
+    """A tiny random LLaVA (CLIP vision tower 32 px, 8 px patches: 4x4 image tokens; Llama LM) saved
+    with its processor (CLIP image processor, word-level tokenizer with the <image> token)."""
+    import tokenizers
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, **{word: i + 2 for i, word in enumerate(VLM_WORDS)}}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                                     extra_special_tokens={"image_token": "<image>"})
+    images = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = transformers.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
+                                            vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    vision = transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=4)
+    text = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    bos_token_id=None, eos_token_id=None, pad_token_id=1)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=vocab["<image>"])
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("llava")
+    transformers.LlavaForConditionalGeneration(config).eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def picture_file(tmp_path_factory):
+    from PIL import Image
+
+    pixels = (np.random.default_rng(3).random((40, 50, 3)) * 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("picture") / "picture.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_cli_writes_the_page_of_a_vision_language_answer(llava_folder, picture_file, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "vlm.html"
+    code, stdout, stderr = run_cli(capsys, "explain", "--image", str(picture_file), "--text", VLM_PROMPT,
+                                   "--model", str(llava_folder), "--generate", str(NEW_TOKENS), "--out", str(out))
+    assert code == 0, stderr
+    data = page_data(out.read_text(encoding="utf-8"))
+
+    # the same answer in-process, as a user of the library gets it
+    processor = transformers.AutoProcessor.from_pretrained(llava_folder)
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(llava_folder).eval()
+    inputs = processor(images=np.array(Image.open(picture_file).convert("RGB")), text=[f"<image>\n{VLM_PROMPT}"],
+                       return_tensors="pt", input_data_format="channels_last")
+    answer = relfast.Explainer(model).generate(dict(inputs), max_new_tokens=NEW_TOKENS, tokenizer=processor.tokenizer)
+    assert answer.image is not None and answer.image.shape == (1, NEW_TOKENS, 4, 4)
+    prompt = answer.prompt_length
+    ids = answer.sequences[0].tolist()
+    shown = [p for p in range(prompt) if ids[p] != model.config.image_token_id] + list(range(prompt, prompt + NEW_TOKENS))
+    assert data["tokens"][:len(shown) - NEW_TOKENS] == VLM_PROMPT.split(), "image placeholders are not shown"
+    assert data["grid"] == [4, 4] and data["image"].startswith("data:image/png;base64,")
+    for t in range(NEW_TOKENS):
+        np.testing.assert_allclose(data["rows"][t], expected_row(answer, t, shown), atol=1e-4)
+        patch_map = answer.image[0, t].double().numpy().reshape(-1)
+        np.testing.assert_allclose(data["image_rows"][t], patch_map / np.abs(patch_map).max(), atol=1e-4)
+
+
+def test_cli_vision_language_folder_needs_generate(llava_folder, picture_file, tmp_path, capsys):
+    code, _, stderr = run_cli(capsys, "explain", "--image", str(picture_file), "--text", VLM_PROMPT,
+                              "--model", str(llava_folder), "--out", str(tmp_path / "a.png"))
+    assert code == 2 and "a vision-language model: explain its answer with --generate N" in stderr

@@ -101,3 +101,16 @@ def assert_batch_equals_per_sample(fn, batched_args, batch_size):
     for b in range(batch_size):
         single = fn(*[a[b:b + 1] for a in batched_args])
         torch.testing.assert_close(whole[b:b + 1], single, rtol=1e-6, atol=1e-7)
+
+
+def cli_in_process(capsys, *args):
+    """``relfast.cli.main`` on ``args``, in this process: (exit code, stdout, stderr)."""
+    import relfast.cli
+
+    try:
+        relfast.cli.main(list(args))
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -40,7 +40,9 @@ class Explanation:
             images), not over tokens.
         maps: the relevance by token stream, float32: ``"image"`` (patches, regions or DETR's
             feature positions), ``"text"``, ``"queries"`` (DETR), each (B[, K], N_stream) over
-            the stream's tokens. One-stream models: ``{"image" or "text": relevance}``.
+            the stream's tokens. One-stream models: ``{"image" or "text": relevance}``. LLaVA:
+            ``"text"`` (B[, K], N) over the LM's tokens and ``"image"`` (B[, K], h, w), already on
+            the patch grid (``relfast.explain.families.hf_llava``).
         layouts: the token layout of each map.
         output: the model's own output, detached, for models whose scores are not all of it
             (DETR's logits and boxes); else None.
@@ -86,7 +88,9 @@ class Explanation:
             raise ValueError(f"relfast.Explanation.image_map: this explanation has no image map (maps: "
                              f"{sorted(self.maps)})")
         layout = self.layouts["image"]
-        grid = layout.to_grid(self.maps["image"])
+        image = self.maps["image"]
+        # a map with one dimension more than the rows is a patch grid already (LLaVA's (B[, K], h, w))
+        grid = image if image.dim() == self.relevance.dim() + 1 else layout.to_grid(image)
         return layout.to_pixels(grid, normalize) if upsample else grid
 
 
@@ -149,6 +153,8 @@ class Explainer:
             raise ValueError(f"relfast.Explainer: 'full_matrix=True' needs a method with a relevance matrix "
                              f"('generic' or 'rollout'), got {method!r}")
         self.family: Family = family_for(model, layout)
+        self.family.check_method(method, dict(start_layer=start_layer, aggregate=aggregate, full_matrix=full_matrix,
+                                              use_lrp=use_lrp))
         model_name = type(model).__name__
         cross_given = [name for name, value in (("normalize", normalize), ("cross_self_attention", cross_self_attention))
                        if value is not True]
@@ -223,6 +229,8 @@ class Explainer:
         backwards run ``chunk_size`` generated tokens at a time as one batched backward (default
         8; memory grows with it, the result does not change). ``tokenizer``: also decode the answer
         and the tokens. Methods "generic" (``start_layer``, ``aggregate`` apply) and "attnlrp".
-        Returns a :class:`relfast.explain.generate.GenerationExplanation`, relevance (B, T, N)."""
+        Returns a :class:`relfast.explain.generate.GenerationExplanation`, relevance (B, T, N).
+        LLaVA: ``inputs`` also hold the prompts' ``pixel_values``; method "generic"; the result's
+        ``image`` (B, T, h, w) is each generated token's patch map."""
         return explain_generation(self, inputs, max_new_tokens, chunk_size=chunk_size, tokenizer=tokenizer,
                                   **generate_kwargs)

@@ -19,6 +19,12 @@ index covers the whole batch. Method ``generic`` takes the gradient of every att
 output for the chunk, then runs the streamed row rule ([P2] rule 6, ``v ← v + v·Ā``) site by
 site in backward order, one row per target; method ``attnlrp`` reads ``x ⊙ ∇x`` at the input
 embeddings of the AttnLRP forward.
+
+Vision-language models (LLaVA): the prompt's image goes to ``generate`` and to the explained
+forward as given (``Family.generation_inputs``); the family's plan (``ChainedStreams``) carries
+each row on from the LM into the vision tower, with the same target's gradients, so every
+generated token also gets a patch map (``GenerationExplanation.image``), the single-position
+image map of that token (``relfast.explain.families.hf_llava``).
 """
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -27,8 +33,10 @@ import torch
 from torch import Tensor
 
 from .capture import ProbabilityRecord
-from .families import ModelCall
+from .families import ChainedStreams, ModelCall
+from .families.base import _FAMILIES
 from .families.hf_causal_lm import HFCausalLM
+from .methods.generic import chain_rows
 from .session import (Session, _check_eval_mode, _check_finite_scores, _graph_inputs, _is_op_overflow,
                       _relevance_overflow)
 from .targets import Targets
@@ -75,6 +83,11 @@ class GenerationExplanation:
         text: with a tokenizer, each sample's generated text (special tokens skipped); else None.
         token_strings: with a tokenizer, each sample's N tokens of ``sequences`` decoded one by one
             ("" for padding), to label the columns of ``relevance``; else None.
+        image: vision-language models (LLaVA): (B, T, h, w) float32, row t the patch map of
+            generated token t (its single-position image map: the relevance its row gives the
+            image tokens, continued through the vision tower); 0 where ``token_mask`` is False.
+            ``relevance`` then covers the LM's tokens, image placeholders included (there: the
+            relevance of the image tokens as the LM's inputs). None for text-only LMs.
     """
 
     relevance: Tensor
@@ -87,6 +100,7 @@ class GenerationExplanation:
     method: str
     text: Optional[List[str]] = None
     token_strings: Optional[List[List[str]]] = None
+    image: Optional[Tensor] = None
 
     @property
     def positions(self) -> Tensor:
@@ -107,8 +121,9 @@ def check_generate_arguments(explainer, max_new_tokens: Any, chunk_size: Any, ge
     the chunk size."""
     family, method = explainer.family, explainer._method
     if not isinstance(family, HFCausalLM):
+        generating = "; ".join(cls.name for cls in _FAMILIES if issubclass(cls, HFCausalLM))
         raise ValueError(f"relfast.Explainer.generate: explains what a causal language model generates ("
-                         f"{HFCausalLM.name}); {type(explainer.model).__name__} is not one")
+                         f"{generating}); {type(explainer.model).__name__} is not one")
     if explainer.method not in GENERATE_METHODS:
         raise ValueError(f"relfast.Explainer.generate: method {explainer.method!r} cannot explain generated tokens; "
                          f"use one of {', '.join(repr(m) for m in GENERATE_METHODS)}")
@@ -173,8 +188,13 @@ def explain_generation(explainer, inputs: Any, max_new_tokens: int, *, chunk_siz
     """``explainer.generate``: see :meth:`relfast.Explainer.generate`."""
     chunk_size = check_generate_arguments(explainer, max_new_tokens, chunk_size, generate_kwargs)
     call = _prompt(explainer, inputs)
-    model = explainer.model
+    model, family = explainer.model, explainer.family
     ids = call.kwargs["input_ids"]
+    extra = family.generation_inputs(call)  # LLaVA: the prompts' images
+    for key in extra:
+        if key in generate_kwargs:
+            raise ValueError(f"relfast.Explainer.generate: argument '{key}' belongs in 'inputs' (with the prompt), "
+                             "not among the generate arguments")
     prompt_mask = call.token_mask.long() if call.token_mask is not None else torch.ones_like(ids)
     length = explainer.family.max_positions()
     if length is not None and ids.shape[1] + max_new_tokens > length:
@@ -182,7 +202,7 @@ def explain_generation(explainer, inputs: Any, max_new_tokens: int, *, chunk_siz
                          f"{max_new_tokens} exceed the model's {length} positions")
     with torch.no_grad():
         generated = model.generate(input_ids=ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-                                   **generate_kwargs)
+                                   **extra, **generate_kwargs)
     sequences = getattr(generated, "sequences", generated)
     prompt = ids.shape[1]
     if not isinstance(sequences, Tensor) or sequences.dim() != 2 or sequences.shape[0] != ids.shape[0] \
@@ -192,16 +212,22 @@ def explain_generation(explainer, inputs: Any, max_new_tokens: int, *, chunk_siz
     tokens = sequences[:, prompt:]
     token_mask = _generated_mask(tokens, _end_tokens(model, generate_kwargs))
     attention_mask = torch.cat([prompt_mask, token_mask.long()], dim=1)
-    full = {"input_ids": sequences, "attention_mask": attention_mask}
+    full = {"input_ids": sequences, "attention_mask": attention_mask, **extra}
+    try:  # prompt + answer as the explained forward takes it (a generated LLaVA image token would not be)
+        family.check_values(family.parse(full))
+    except ValueError as error:
+        raise ValueError("relfast.Explainer.generate: the generated sequences cannot be explained: "
+                         + str(error).removeprefix("relfast.Explainer: ")) from error
     rows = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens) + prompt - 1
-    relevance, logits = explain_positions(explainer, full, rows, tokens, token_mask, chunk_size)
+    maps, logits = explain_positions(explainer, full, rows, tokens, token_mask, chunk_size)
+    relevance = maps.pop(next(iter(maps)))
     text = strings = None
     if tokenizer is not None:
         text = tokenizer.batch_decode([t[m].tolist() for t, m in zip(tokens, token_mask)], skip_special_tokens=True)
         strings = [[tokenizer.decode([int(i)]) if real else "" for i, real in zip(seq, mask)]
                    for seq, mask in zip(sequences, attention_mask.bool())]
     return GenerationExplanation(relevance, sequences, tokens, token_mask, attention_mask, logits, prompt,
-                                 explainer.method, text, strings)
+                                 explainer.method, text, strings, maps.get("image"))
 
 
 def _generated_mask(tokens: Tensor, end_tokens: List[int]) -> Tensor:
@@ -215,15 +241,18 @@ def _generated_mask(tokens: Tensor, end_tokens: List[int]) -> Tensor:
 # ---- T positions with their own targets, from one forward ----
 
 def explain_positions(explainer, inputs: Dict[str, Tensor], rows: Tensor, tokens: Tensor, valid: Tensor,
-                      chunk_size: int) -> Tuple[Tensor, Tensor]:
+                      chunk_size: int) -> Tuple[Dict[str, Tensor], Tensor]:
     """Target (b, t): the next-token logit of ``tokens[b, t]`` at position ``rows[b, t]`` of
     ``inputs``' sequence, where ``valid[b, t]``. One forward, then batched backwards of
     ``chunk_size`` target indices each (every sample's target t in one scalar: the samples are
-    independent). Returns (relevance (B, T, N) float32, the explained logits (B, T))."""
+    independent). Returns (maps, the explained logits (B, T)): first the rows over the
+    sequence's tokens, (B, T, N) float32; with a family whose streams feed one another (LLaVA),
+    then each other stream's map as the family reads it out (``"image"``: (B, T, h, w))."""
     family, method = explainer.family, explainer._method
     call = family.parse(inputs)
     session = Session(family, method, Targets())
     batch, count = tokens.shape
+    plan = None
     with torch.enable_grad():
         call = _graph_inputs(call)
         if explainer.method == "attnlrp":
@@ -233,8 +262,13 @@ def explain_positions(explainer, inputs: Dict[str, Tensor], rows: Tensor, tokens
             readout = relevance_pass.readout()
         else:
             output, records = session._forward(call)
-            session._check_records(records, call)
-            method.check_layers(len(records))
+            plan = family.plan(records, call)
+            if plan is None:
+                session._check_records(records, call)
+                method.check_layers(len(records))
+            elif not isinstance(plan, ChainedStreams):
+                raise ValueError(f"relfast.Explainer.generate: cannot explain what {type(family.model).__name__} "
+                                 "generates (its streams attend to each other)")
         logits = output.logits
         samples = torch.arange(batch, device=logits.device)[:, None]
         valid = valid.to(logits.device)
@@ -242,7 +276,10 @@ def explain_positions(explainer, inputs: Dict[str, Tensor], rows: Tensor, tokens
         chosen = torch.where(valid, logits[samples, rows.to(logits.device), tokens.to(logits.device)], 0)
         _check_finite_scores(chosen)
         n = logits.shape[1]
-        relevance = torch.zeros(batch, count, n, dtype=torch.float32, device=logits.device)
+        # each stream's rows, (B, T, N_stream); the first is the LM's, over the sequence
+        sizes = {stream.name: stream.size for stream in plan.streams} if plan is not None else {"text": n}
+        streams = {name: torch.zeros(batch, count, size, dtype=torch.float32, device=logits.device)
+                   for name, size in sizes.items()}
         for start in range(0, count, chunk_size):
             stop = min(start + chunk_size, count)
             # (C,): target index t's logit summed over the batch (0 for a sample's padding)
@@ -253,19 +290,24 @@ def explain_positions(explainer, inputs: Dict[str, Tensor], rows: Tensor, tokens
             keep = stop < count
             try:
                 if explainer.method == "attnlrp":
-                    part = _attnlrp_rows(scalars, readout, keep)
+                    parts = {"text": _attnlrp_rows(scalars, readout, keep)}
+                elif plan is not None:
+                    parts = _chained_rows(method, plan, records, scalars, rows[:, start:stop], keep)
                 else:
-                    part = _generic_rows(method, records, scalars, rows[:, start:stop], n, keep)
+                    parts = {"text": _generic_rows(method, records, scalars, rows[:, start:stop], n, keep)}
             except ValueError as error:
                 if _is_op_overflow(error):
                     raise _relevance_overflow() from error
                 raise
-            relevance[:, start:stop] = part.float() * valid[:, start:stop, None]
+            for name, part in parts.items():
+                streams[name][:, start:stop] = part.float() * valid[:, start:stop, None]
+    lm = next(iter(streams))  # the stream over the sequence's tokens
     if call.token_mask is not None:
-        relevance *= call.token_mask.to(relevance.device)[:, None, :]
-    if not bool(torch.isfinite(relevance).all()):
+        streams[lm] *= call.token_mask.to(logits.device)[:, None, :]
+    if not all(bool(torch.isfinite(m).all()) for m in streams.values()):
         raise _relevance_overflow()
-    return relevance, chosen.detach()
+    maps = family.finish_maps(streams, call) if plan is not None else streams
+    return maps, chosen.detach()
 
 
 def _batched_gradients(scalars: Tensor, inputs: List[Tensor], keep_graph: bool) -> Tuple[Tensor, ...]:
@@ -310,3 +352,23 @@ def _generic_rows(method, records, scalars: Tensor, rows: Tensor, n: int, keep_g
                              for c in range(count)])
         record.release()  # the A and ∇A it recomputed: the next chunk's backward must not reuse them
     return state[:, :, 0].transpose(0, 1)
+
+
+def _chained_rows(method, plan: ChainedStreams, records, scalars: Tensor, rows: Tensor,
+                  keep_graph: bool) -> Dict[str, Tensor]:
+    """Each stream's rows (B, C, N_stream), one per target: [P2]'s row through the explained
+    stream, carried on into the streams that feed it (``chain_rows``), each ``Ā`` from that
+    target's own attention gradients."""
+    sites = [site for stream in plan.streams for site in stream.sites]
+    sources = [records[site].source for site in sites]
+    if any(s is None for s in sources):
+        raise ValueError("relfast.Explainer.generate: an attention site's output is not part of the autograd graph")
+    grads = _batched_gradients(scalars, sources, keep_graph)
+    batch, count = rows.shape
+    device = grads[0].device
+    first = plan.streams[0]
+    state = torch.zeros(count, batch, 1, first.size, dtype=records[first.sites[-1]].dtype, device=device)
+    state[torch.arange(count, device=device)[None, :], torch.arange(batch, device=device)[:, None], 0,
+          rows.to(device)] = 1
+    maps = chain_rows(plan.streams, plan.seeds, records, state, dict(zip(sites, grads)), method.aggregate)
+    return {name: m[:, :, 0].transpose(0, 1) for name, m in maps.items()}

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .capture import AttentionCapture, AttentionRecord, ProbabilityRecord
-from .families import Family, ModelCall
+from .families import ChainedStreams, Family, ModelCall
 from .layout import TokenLayout
 from .methods import Method, Run
 from .streams import CrossPlan, IndependentStreams
@@ -127,6 +127,8 @@ class Session:
         elif isinstance(plan, CrossPlan):
             run.cross_plan = plan
             maps = {name: m.detach().float() for name, m in self.method.relevance(run).items()}
+        elif isinstance(plan, ChainedStreams):  # LLaVA: the rows go on from the LM into the vision tower
+            maps = {name: m.detach().float() for name, m in self.method.chained_relevance(run, plan).items()}
         else:
             raise TypeError(f"relfast: unknown stream plan {type(plan).__name__}")
         maps = self.family.finish_maps(maps, call, raw=self.method.raw_maps)

@@ -6,13 +6,14 @@ not the (B, C) scores, ``scores``; set its :class:`TokenLayout`; decorate it wit
 The engine sees the attention itself (``relfast.explain.capture``): a family never touches it.
 """
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 import torch
 from torch import Tensor
 
 from ...runtime import MAX_ABS_FLOAT_INPUT  # numpy only: the bound every entry point applies
 from ..layout import TokenLayout
+from ..streams import Stream
 from ..targets import Targets
 
 _FAMILIES: List[Type["Family"]] = []
@@ -43,6 +44,30 @@ class ModelCall:
     rows: Optional[Tensor] = field(default=None, repr=False)  # (B,) explained tokens, set after the forward
     pairs: Optional[Tensor] = None  # CLIP: (P, 2) the (image, text) index of each explained pair
     extras: Dict[str, Any] = field(default_factory=dict, repr=False)  # what a family keeps between its steps
+
+
+@dataclass
+class ChainedStreams:
+    """A plan (beside ``relfast.explain.streams``' ``IndependentStreams`` and ``CrossPlan``) for
+    streams that feed one another instead of attending to each other: a stream's tokens are made,
+    token by token, from another stream's outputs (LLaVA: the vision tower's outputs, through the
+    per-token projector, are the image tokens of the LM's stream). Rule 6's explained rows run
+    backward through ``streams[0]``'s sites (the stream the explained output reads), then
+    ``seeds[0]`` carries them onto ``streams[1]``'s tokens and they go on through its sites, and
+    so on: one row of the product of ``(I + Ā)`` over the joint chain of sites. Each stream's rows
+    are a map (``maps[stream.name]``, ``Family.finish_maps`` then reads them out).
+
+    Attributes:
+        streams: in the order the rows traverse them, the explained stream first; each with its
+            ``sites`` (record indices, forward order; a stream's sites all come after those of
+            the streams after it in this list, as the model runs them) and ``size``.
+        seeds: ``len(streams) - 1`` functions from rows over stream i's tokens to rows over stream
+            i+1's, (..., B, K, N_i) -> (..., B, K, N_{i+1}), leading dimensions kept: each entry
+            on a token made from stream i+1 placed on the token it was made from.
+    """
+
+    streams: List[Stream]
+    seeds: List[Callable[[Tensor], Tensor]]
 
 
 class Family:
@@ -105,6 +130,17 @@ class Family:
     def attention_sites(self) -> Optional[int]:
         """How many attention sites one forward must show (None: not known)."""
         return None
+
+    def check_method(self, method: str, options: Dict[str, Any]) -> None:
+        """Refuse, when the explainer is made, a method or an option the family cannot explain
+        (``options``: the explainer's ``start_layer``, ``aggregate``, ``full_matrix``, ``use_lrp``
+        as given). Default: every method and option is taken."""
+
+    def generation_inputs(self, call: ModelCall) -> Dict[str, Tensor]:
+        """Models that generate: the prompt batch's inputs other than its token ids and mask, which
+        ``generate`` and the explained forward over prompt + answer take as given (LLaVA:
+        ``pixel_values``). Default: none."""
+        return {}
 
     def check_attention_implementation(self) -> None:
         """HF models: refuse an attention implementation relfast cannot see (read at every call,

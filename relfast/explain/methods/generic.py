@@ -4,8 +4,12 @@ One stream: the explained rows are computed in backward order while autograd pro
 attention gradients (layer L first), with the fused one-pass ``row_relevance_update``: no
 per-layer storage, never forming Ā, and the backward stops at the first attention site.
 Streams that attend to each other (LXMERT, DETR): rules 6-11 replayed in the model's order
-(``relfast.explain.methods.bimodal``).
+(``relfast.explain.methods.bimodal``). Streams that feed one another (LLaVA's vision tower into
+its LM, ``ChainedStreams``): the rows run through one stream's sites, are carried onto the tokens
+the next stream's outputs became, and go on through its sites (``chain_rows``).
 """
+from typing import Callable, Dict, List, Optional
+
 import torch
 
 from ... import ops
@@ -98,3 +102,52 @@ class Generic(Method):
             return state["rows"] if self.full_matrix else state["rows"][:, 0]
 
         return run.for_each_target(one_target)
+
+    def chained_relevance(self, run: Run, plan) -> Dict[str, torch.Tensor]:
+        """Streams that feed one another (a ``ChainedStreams`` plan): each stream's explained rows,
+        (B, N_stream), or (B, K, N_stream) for K targets per sample; one backward per target."""
+        sites = [site for stream in plan.streams for site in stream.sites]
+        sources = [run.records[site].source for site in sites]
+        if any(source is None for source in sources):
+            raise ValueError("relfast.Explainer: an attention site's output is not part of the autograd graph")
+        first = plan.streams[0]
+        count = run.num_targets
+        results = []
+        for k in range(count):
+            scalar = run.explained_scalar(k)
+            grads = torch.autograd.grad(scalar, sources, retain_graph=k + 1 < count or run.keep_graph,
+                                        allow_unused=True)
+            record = run.records[first.sites[-1]]
+            rows = self.initial_rows(run, first.size, record.dtype, scalar.device)[None]  # (1, B, 1, N)
+            maps = chain_rows(plan.streams, plan.seeds, run.records, rows,
+                              {site: None if g is None else g[None] for site, g in zip(sites, grads)}, self.aggregate)
+            results.append({name: m[0, :, 0] for name, m in maps.items()})
+        if not run.targets.per_sample_k:
+            return results[0]
+        return {name: torch.stack([r[name] for r in results], dim=1) for name in results[0]}
+
+
+def chain_rows(streams: List, seeds: List[Callable[[torch.Tensor], torch.Tensor]], records: List,
+               rows: torch.Tensor, gradients: Dict[int, Optional[torch.Tensor]], aggregate: bool
+               ) -> Dict[str, torch.Tensor]:
+    """Rule 6's rows ``v ← v + v·Ā`` through streams that feed one another, for C targets at once.
+
+    ``rows``: (C, B, K, N_0) the explained rows over ``streams[0]``'s tokens; ``gradients``: site ->
+    the (C, ...) gradients of its record's source, one per target (None: no gradient reached the
+    site, so ``Ā = 0`` and its factor is I: skipped). Each stream's sites run in backward order,
+    then ``seeds[i]`` carries the rows onto stream i+1's tokens. Returns every stream's rows as
+    they leave it, (C, B, K, N_stream), by stream name."""
+    maps = {}
+    for i, stream in enumerate(streams):
+        if i:
+            rows = seeds[i - 1](rows)
+        for site in reversed(stream.sites):
+            grad = gradients.pop(site, None)
+            if grad is None:
+                continue
+            record = records[site]
+            rows = torch.stack([record.row_update(rows[c].to(record.dtype), grad[c], aggregate)
+                                for c in range(rows.shape[0])])
+            record.release()  # the A and ∇A it recomputed: another target's backward must not reuse them
+        maps[stream.name] = rows
+    return maps
