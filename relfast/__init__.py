@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = ["ops", "reference", "Explainer", "Explanation", "TokenLayout", "viz", "data", "models", "export", "runtime",
            "eval"]
-_SUBMODULES = frozenset({"ops", "reference", "viz", "data", "models", "explain", "export", "runtime", "eval", "cli"})
+_SUBMODULES = frozenset({"ops", "reference", "viz", "data", "models", "explain", "export", "runtime", "eval", "cli", "serve"})
 _FROM_EXPLAIN = frozenset({"Explainer", "Explanation", "TokenLayout"})
 
 

@@ -1015,9 +1015,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     evaluation.add_argument("--steps", type=int, default=10, help="perturbation steps (fractions 0, 1/steps, ...)")
     evaluation.add_argument("--out", required=True, help="a folder for results.csv and curves.png")
     evaluation.add_argument("--quiet", action="store_true", help="print the table only")
+    serve = commands.add_parser("serve", help="serve a model and its explainer over HTTP on Ray Serve "
+                                "(pip install 'relfast[serve]')")
+    from relfast.serve import command as serve_command  # imports no numpy, torch or ray: the CLI starts at once
+
+    serve_command.add_arguments(serve)
     args = parser.parse_args(argv)
     if args.command == "eval":
         return evaluate_methods(args)
+    if args.command == "serve":  # before the shared --method check: serve's --method defaults to the model's
+        return serve_command.run(args)
     if args.method not in METHODS:
         _fail(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
     if args.command == "export":

@@ -7,7 +7,7 @@ import torch
 
 import relfast.cli
 import relfast.explain.session
-from test_cli import causal_lm_folder, explain_in_process  # noqa: F401 (the fixture is used by name)
+from testing import cli_in_process as explain_in_process
 from test_cli_bimodal import clip_folder, detr_folder, region_folders  # noqa: F401 (fixtures)
 
 SHORT = ["--batch", "2", "--seconds", "0.5"]

@@ -427,7 +427,7 @@ def test_clip_files_give_both_maps(tmp_path):
 @pytest.mark.slow
 def test_the_command_exports_attnlrp(tmp_path, capsys):
     """``relfast export --method attnlrp`` writes the file and checks it against eager (the shipped model)."""
-    from test_cli import explain_in_process
+    from testing import cli_in_process as explain_in_process
 
     code, stdout, stderr = explain_in_process(capsys, "export", "--method", "attnlrp", "--format", "torchscript",
                                               "--out", str(tmp_path / "m.pt"))

@@ -196,7 +196,8 @@ def test_model_is_untouched_after_a_call_and_after_a_failure(method):
     model = build("llama")
     next(model.parameters()).requires_grad_(False)  # a user's own state that must survive
     lengths = []
-    model.register_forward_hook(lambda module, args, output: lengths.append(output.logits.shape[1]))
+    model.register_forward_hook(lambda module, args, kwargs, output: lengths.append(kwargs["input_ids"].shape[1]),
+                                with_kwargs=True)
     before = generation_state(model)
     explainer = relfast.Explainer(model, method)
     out = explainer.generate(inputs_for("llama"), max_new_tokens=5, do_sample=True, **NO_END)
@@ -303,3 +304,44 @@ def test_an_exported_file_explains_a_generated_answer_in_one_batch(tmp_path):
             logits, relevance, explained = served(ids, mask, out.tokens[b])
         assert torch.equal(explained, out.tokens[b])
         assert relative_error(relevance, out.relevance[b]) <= 1e-5
+
+
+# ---- the explained logits from the head's input (no gradient through the vocabulary) ----
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_explained_logits_come_from_the_head_input_not_the_vocabulary(name):
+    from relfast.explain.generate import _HeadInput
+
+    model = build(name)
+    inputs = inputs_for(name)
+    head = _HeadInput(model)
+    with torch.enable_grad(), head:
+        output = model(**inputs, logits_to_keep=3)
+    batch = inputs["input_ids"].shape[0]
+    samples = torch.arange(batch)[:, None]
+    rows = torch.tensor([[0, 2]]).expand(batch, 2)
+    tokens = torch.randint(0, output.logits.shape[-1], (batch, 2), generator=torch.Generator().manual_seed(0))
+    chosen = head.logits(output.logits, samples, rows, tokens)
+    torch.testing.assert_close(chosen, output.logits[samples, rows, tokens], rtol=1e-5, atol=1e-6)
+    assert torch.autograd.grad(chosen.sum(), output.logits, allow_unused=True, retain_graph=True)[0] is None, \
+        "the explained logits do not pass through the (B, K, vocabulary) logits"
+    assert chosen.requires_grad
+
+
+def test_a_head_that_is_not_one_linear_layer_keeps_the_models_logits():
+    """A head whose logits are more than the output layer's (here: scaled after it) is differentiated
+    through the model's own logits."""
+    from relfast.explain.generate import _HeadInput
+
+    model = build("gpt2")
+    inputs = inputs_for("gpt2")
+    head = _HeadInput(model)
+    with torch.enable_grad(), head:
+        output = model(**inputs, logits_to_keep=3)
+    scaled = output.logits * 2  # what a logit scale or soft-capping does after the layer
+    batch = inputs["input_ids"].shape[0]
+    samples, rows = torch.arange(batch)[:, None], torch.tensor([[1]]).expand(batch, 1)
+    tokens = torch.zeros(batch, 1, dtype=torch.long)
+    chosen = head.logits(scaled, samples, rows, tokens)
+    torch.testing.assert_close(chosen, scaled[samples, rows, tokens])
+    assert torch.autograd.grad(chosen.sum(), scaled)[0] is not None

@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from .capture import ProbabilityRecord
 from .families import ChainedStreams, ModelCall
@@ -253,15 +255,24 @@ def explain_positions(explainer, inputs: Dict[str, Tensor], rows: Tensor, tokens
     session = Session(family, method, Targets())
     batch, count = tokens.shape
     plan = None
+    n = call.kwargs["input_ids"].shape[1]
+    # The head's logits only where they are explained: the last n - first positions, not all n.
+    # At GPT-2's 50257 words the full logits, their batched gradients and the head's backward
+    # over every position would outweigh the layers (the result is the same).
+    first = int(rows.min()) if rows.numel() else n - 1
+    call.kwargs["logits_to_keep"] = n - first
+    head = _HeadInput(family.model)
     with torch.enable_grad():
         call = _graph_inputs(call)
         if explainer.method == "attnlrp":
             relevance_pass = method.relevance_pass(family, call)
-            output, maps = relevance_pass.forward()
+            with head:
+                output, maps = relevance_pass.forward()
             session._check_records([ProbabilityRecord(m) for m in maps], call)
             readout = relevance_pass.readout()
         else:
-            output, records = session._forward(call)
+            with head:
+                output, records = session._forward(call)
             plan = family.plan(records, call)
             if plan is None:
                 session._check_records(records, call)
@@ -273,9 +284,9 @@ def explain_positions(explainer, inputs: Dict[str, Tensor], rows: Tensor, tokens
         samples = torch.arange(batch, device=logits.device)[:, None]
         valid = valid.to(logits.device)
         # (B, T); a sample's targets after its end are 0 (and their logits not read: they may be NaN)
-        chosen = torch.where(valid, logits[samples, rows.to(logits.device), tokens.to(logits.device)], 0)
+        kept_rows, tokens = rows.to(logits.device) - first, tokens.to(logits.device)
+        chosen = torch.where(valid, head.logits(logits, samples, kept_rows, tokens), 0)
         _check_finite_scores(chosen)
-        n = logits.shape[1]
         # each stream's rows, (B, T, N_stream); the first is the LM's, over the sequence
         sizes = {stream.name: stream.size for stream in plan.streams} if plan is not None else {"text": n}
         streams = {name: torch.zeros(batch, count, size, dtype=torch.float32, device=logits.device)
@@ -308,6 +319,49 @@ def explain_positions(explainer, inputs: Dict[str, Tensor], rows: Tensor, tokens
         raise _relevance_overflow()
     maps = family.finish_maps(streams, call) if plan is not None else streams
     return maps, chosen.detach()
+
+
+class _HeadInput(TorchFunctionMode):
+    """Sees the input of the model's output layer (``F.linear`` with the output embedding's weight)
+    in the explained forward, so that each explained logit is computed again from it alone: the
+    dot product of its position's hidden state with its token's weight row. The gradients then
+    never pass through the (B, K, vocabulary) logits: the head's backward of a batch of C targets
+    costs C dot products instead of C products with the whole vocabulary matrix. Only where those
+    logits equal the model's own (a plain linear head; not, e.g., a soft-capped one); else the
+    model's logits are differentiated as they are."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.weight = getattr(layer, "weight", None)
+        self.bias = getattr(layer, "bias", None)
+        self.hidden: List[Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and self.weight is not None:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if weight is self.weight:
+                self.hidden.append(args[0] if args else kwargs.get("input"))
+        return func(*args, **kwargs)
+
+    def logits(self, logits: Tensor, samples: Tensor, rows: Tensor, tokens: Tensor) -> Tensor:
+        """(B, T): the logits of ``tokens`` at ``rows`` of the kept positions, in the graph."""
+        chosen = logits[samples, rows, tokens]
+        if len(self.hidden) != 1 or self.hidden[0].shape[:-1] != logits.shape[:-1]:
+            return chosen  # not one plain head over the kept positions: the model's own logits
+        hidden = self.hidden[0][samples, rows]  # (B, T, D)
+        again = (hidden * self.weight[tokens].to(hidden.dtype)).sum(dim=-1)
+        if self.bias is not None:
+            again = again + self.bias[tokens].to(again.dtype)
+        expected = chosen.detach().float()
+        finite = torch.isfinite(expected)
+        scale = float(expected[finite].abs().max()) if bool(finite.any()) else 0.0
+        tolerance = 1e-5 if again.dtype in (torch.float32, torch.float64) else 2e-2
+        if not torch.allclose(again.detach().float()[finite], expected[finite], rtol=tolerance,
+                              atol=tolerance * max(scale, 1e-12)):
+            return chosen  # a head that does more than the linear layer (scaling, capping)
+        return again.to(chosen.dtype)
 
 
 def _batched_gradients(scalars: Tensor, inputs: List[Tensor], keep_graph: bool) -> Tuple[Tensor, ...]:
