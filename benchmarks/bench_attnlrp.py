@@ -32,7 +32,6 @@ that call is also the warm-up. A table is printed at the end (relfast / floor, r
 """
 import importlib.util
 import os
-import subprocess
 import sys
 from collections import defaultdict
 
@@ -41,10 +40,10 @@ import torch
 
 import relfast
 from bench_scaling import working_memory
+from side_process import ROOT, SideProcess
 
 transformers = pytest.importorskip("transformers")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LXT_PYTHON = os.path.join(os.environ.get("RELFAST_LXT_ENV", "/work/lxt-env"), "bin", "python")
 BENCH_LXT = os.path.join(ROOT, "scripts", "bench_lxt.py")
 _spec = importlib.util.spec_from_file_location("bench_lxt", BENCH_LXT)
@@ -94,30 +93,9 @@ def models(tmp_path_factory):
     return Models(str(tmp_path_factory.mktemp("attnlrp_weights")))
 
 
-class LxtWorker:
+def lxt_worker(name, variant, weights):
     """scripts/bench_lxt.py --serve in lxt's environment: one model and variant per process."""
-
-    def __init__(self, name, variant, weights):
-        self.proc = subprocess.Popen([LXT_PYTHON, BENCH_LXT, "--model", name, "--variant", variant, "--weights",
-                                      weights, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     bufsize=1, cwd=ROOT)
-        assert self.read() == "ready"
-
-    def read(self):
-        line = self.proc.stdout.readline().strip()
-        if not line or line.startswith("error"):
-            raise RuntimeError(f"bench_lxt.py: {line or 'exited'} (rc {self.proc.poll()})")
-        return line
-
-    def ask(self, command):
-        self.proc.stdin.write(command + "\n")
-        return self.read()
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
+    return SideProcess([LXT_PYTHON, BENCH_LXT, "--model", name, "--variant", variant, "--weights", weights, "--serve"])
 
 
 def floor(name, model, inputs):
@@ -150,7 +128,7 @@ def test_attnlrp(benchmark, models, name, impl, tmp_path):
     if impl in ("lxt", "lxt-floor"):
         if not os.path.exists(LXT_PYTHON):
             pytest.skip(f"no lxt environment at {LXT_PYTHON} (scripts/make_lxt_env.sh)")
-        worker = LxtWorker(name, "lxt" if impl == "lxt" else "floor", models.weights)
+        worker = lxt_worker(name, "lxt" if impl == "lxt" else "floor", models.weights)
     try:
         if impl == "floor":
             run = lambda: floor(name, model, inputs)  # noqa: E731

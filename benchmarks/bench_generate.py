@@ -66,6 +66,7 @@ import torch
 
 import relfast
 from bench_scaling import working_memory
+from side_process import ROOT, SideProcess
 
 transformers = pytest.importorskip("transformers")
 
@@ -80,7 +81,6 @@ BATCHES = (1, 4)
 IMPLS = ("generation", "relfast", "relfast-chunk1", "single", "single-1", "captum", "inseq")
 NO_END = dict(eos_token_id=None, pad_token_id=0, do_sample=False)
 CPU = torch.device("cpu")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEER_ENV = os.environ.get("RELFAST_CAPTUM_ENV", "/work/captum-env")
 PEER_PYTHON = os.path.join(PEER_ENV, "bin", "python")
 PEER_SCRIPTS = {"captum": os.path.join(ROOT, "scripts", "captum_generate.py"),
@@ -164,31 +164,10 @@ def write_case(path, model, answer):
                     prompt_length=answer.prompt_length, tokens=answer.tokens), path)
 
 
-class PeerWorker:
+def peer_worker(impl, case):
     """scripts/<peer>_generate.py --serve in the peers' environment, one per test."""
-
-    def __init__(self, impl, case):
-        self.script = os.path.basename(PEER_SCRIPTS[impl])
-        self.proc = subprocess.Popen([PEER_PYTHON, PEER_SCRIPTS[impl], "--case", case, "--serve"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, cwd=ROOT,
-                                     env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-        assert self.read() == "ready"
-
-    def read(self):
-        line = self.proc.stdout.readline().strip()
-        if not line or line.startswith("error"):
-            raise RuntimeError(f"{self.script}: {line or 'exited'} (rc {self.proc.poll()})")
-        return line
-
-    def ask(self, command):
-        self.proc.stdin.write(command + "\n")
-        return self.read()
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
+    return SideProcess([PEER_PYTHON, PEER_SCRIPTS[impl], "--case", case, "--serve"],
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
 
 
 def gradient_x_input(model, prompt, answer, rows):
@@ -277,7 +256,7 @@ def peer(benchmark, model, answer, batch, impl, tmp_path):
         pytest.skip(missing)
     case = str(tmp_path / "case.pt")
     write_case(case, model, answer)
-    worker = PeerWorker(impl, case)
+    worker = peer_worker(impl, case)
     try:
         os.remove(case)  # loaded: the weights need not stay on disk
         benchmark.extra_info.update(json.loads(worker.ask("info")))

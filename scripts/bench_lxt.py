@@ -36,8 +36,6 @@ returned with malloc_trim, VmHWM reset through /proc/self/clear_refs, glibc's mm
 fixed), exactly as benchmarks/bench_scaling.py measures relfast.
 """
 import argparse
-import ctypes
-import gc
 import json
 import os
 import statistics
@@ -45,6 +43,9 @@ import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when bench_attnlrp.py imports this file
+from side_memory import working_memory  # noqa: E402 (scripts/side_memory.py, beside this file)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -81,35 +82,6 @@ def init_head(name, model):
             model.heads.head.weight.copy_(torch.randn(model.heads.head.weight.shape,
                                                       generator=torch.Generator().manual_seed(1)) * 0.02)
     return model
-
-
-# ---- memory (as benchmarks/bench_scaling.py) ----
-
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-    _LIBC.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD fixed: large blocks mmapped and returned on free
-except OSError:
-    _LIBC = None
-
-
-def _status_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def working_memory(fn):
-    """Peak bytes resident during ``fn()`` beyond those resident before it."""
-    gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-    before = _status_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
-    fn()
-    return _status_bytes("VmHWM") - before
 
 
 # ---- models ----

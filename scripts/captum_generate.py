@@ -50,8 +50,6 @@ in-process ``time`` (s); ``attributions PATH`` -> ``ok``, the last run's matrice
 scripts/inseq_generate.py reuses the helpers here (case loading, tokenizer, memory, serving).
 """
 import argparse
-import ctypes
-import gc
 import importlib.metadata
 import json
 import statistics
@@ -60,32 +58,7 @@ import time
 
 import torch
 
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-    _LIBC.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD fixed: freed large blocks leave the resident set
-except OSError:
-    _LIBC = None
-
-
-def _status_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def working_memory(fn):
-    """Peak resident bytes during ``fn()`` beyond the resident set before it (Linux)."""
-    gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-    before = _status_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := the current resident set
-    fn()
-    return _status_bytes("VmHWM") - before
-
+from side_memory import working_memory  # noqa: E402 (scripts/, beside this file)
 
 def versions(*names):
     return {name: importlib.metadata.version(name) for name in names}
