@@ -265,6 +265,22 @@ def family_for(model: torch.nn.Module, layout: Optional[TokenLayout] = None) -> 
         "patch_grid=(14, 14), patch_size=16)); a new family is one small file in relfast/explain/families/.")
 
 
+def check_tower_records(records: List[Any], batch: int, model: str, towers: List[Tuple[str, int, int]]) -> None:
+    """Records of towers that run one after the other (CLIP's vision then text, LLaVA's vision then
+    language): ``towers`` = [(name, layers, tokens)] in forward order; each tower's maps must be
+    (batch, heads, tokens, tokens), and there must be as many as its layers."""
+    expected = sum(layers for _, layers, _ in towers)
+    if len(records) != expected:
+        counts = " and ".join(f"{layers} {name}" for name, layers, _ in towers)
+        raise ValueError(f"relfast.Explainer: the {model} model has {counts} attention layers but {len(records)} "
+                         "attention maps were seen in its forward")
+    sizes = [tokens for _, layers, tokens in towers for _ in range(layers)]
+    for i, (record, n) in enumerate(zip(records, sizes)):
+        if len(record.shape) != 4 or record.shape[0] != batch or tuple(record.shape[-2:]) != (n, n):
+            raise ValueError(f"relfast.Explainer: {model} attention map {i} has shape {tuple(record.shape)}, "
+                             f"expected ({batch}, heads, {n}, {n})")
+
+
 def check_batch(inputs: Dict[str, Tensor], key: str) -> int:
     """The batch size of ``inputs[key]``, rejecting empty batches before any work."""
     if key not in inputs:

@@ -25,8 +25,8 @@ from torch import Tensor
 from ..layout import TokenLayout
 from ..streams import IndependentStreams, Stream
 from ..targets import Targets
-from .base import (HFFamily, ModelCall, check_images, check_tensors, image_call, pair, patch_layout,
-                   register, text_inputs)
+from .base import (HFFamily, ModelCall, check_images, check_tensors, check_tower_records, image_call, pair,
+                   patch_layout, register, text_inputs)
 
 _KEYS = frozenset({"pixel_values", "input_ids", "attention_mask", "position_ids"})
 
@@ -150,15 +150,9 @@ class HFClip(HFFamily):
 
     def plan(self, records, call):
         vision_layers, text_layers = self._layers()
-        if len(records) != vision_layers + text_layers:
-            raise ValueError(f"relfast.Explainer: the CLIP model has {vision_layers} vision and {text_layers} text "
-                             f"attention layers but {len(records)} attention maps were seen in its forward")
         image_tokens, text_tokens = self.layout.num_tokens, call.num_tokens
-        for i, record in enumerate(records):
-            n = image_tokens if i < vision_layers else text_tokens
-            if len(record.shape) != 4 or record.shape[0] != call.batch or tuple(record.shape[-2:]) != (n, n):
-                raise ValueError(f"relfast.Explainer: CLIP attention map {i} has shape {tuple(record.shape)}, expected "
-                                 f"({call.batch}, heads, {n}, {n})")
+        check_tower_records(records, call.batch, "CLIP",
+                            [("vision", vision_layers, image_tokens), ("text", text_layers, text_tokens)])
         ids = call.kwargs["input_ids"]
         image = Stream("image", self.layout, image_tokens, list(range(vision_layers)),
                        torch.zeros(call.batch, dtype=torch.long, device=ids.device))

@@ -35,12 +35,12 @@ the image placeholders it holds ``r_img``, the relevance of the image tokens as 
 (what step 2 continues into the tower); padding 0. ``maps["image"]`` (B, h, w): the patch map;
 ``image_map(upsample=True)`` upsamples it by the patch size. (B, K, ...) for K targets per sample.
 """
-import torch
 from torch import Tensor
 
 from ..layout import TokenLayout
 from ..streams import Stream
-from .base import ChainedStreams, check_images, check_tensors, pair, patch_layout, register, text_inputs
+from .base import (ChainedStreams, check_images, check_tensors, check_tower_records, pair, patch_layout, register,
+                   text_inputs)
 from .hf_causal_lm import HFCausalLM
 
 _NAMES = frozenset({"LlavaForConditionalGeneration"})
@@ -197,16 +197,9 @@ class HFLlava(HFCausalLM):
     def plan(self, records, call):
         config = self.model.config
         vision_layers, text_layers = config.vision_config.num_hidden_layers, config.text_config.num_hidden_layers
-        model = type(self.model).__name__
-        if len(records) != vision_layers + text_layers:
-            raise ValueError(f"relfast.Explainer: the {model} model has {vision_layers} vision and {text_layers} "
-                             f"language attention layers but {len(records)} attention maps were seen in its forward")
         vision_tokens, text_tokens = self.image_layout().num_tokens, call.num_tokens
-        for i, record in enumerate(records):
-            n = vision_tokens if i < vision_layers else text_tokens
-            if len(record.shape) != 4 or record.shape[0] != call.batch or tuple(record.shape[-2:]) != (n, n):
-                raise ValueError(f"relfast.Explainer: {model} attention map {i} has shape {tuple(record.shape)}, "
-                                 f"expected ({call.batch}, heads, {n}, {n})")
+        check_tower_records(records, call.batch, type(self.model).__name__,
+                            [("vision", vision_layers, vision_tokens), ("language", text_layers, text_tokens)])
         ids = call.kwargs["input_ids"]
         call.rows = self.layout.explained_rows(call.batch, call.token_mask, text_tokens, ids.device)
         text = Stream("text", self.layout, text_tokens, list(range(vision_layers, vision_layers + text_layers)),
