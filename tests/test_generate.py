@@ -345,3 +345,22 @@ def test_a_head_that_is_not_one_linear_layer_keeps_the_models_logits():
     chosen = head.logits(scaled, samples, rows, tokens)
     torch.testing.assert_close(chosen, scaled[samples, rows, tokens])
     assert torch.autograd.grad(chosen.sum(), scaled)[0] is not None
+
+
+@pytest.mark.parametrize("method", ["generic", "attnlrp"])
+def test_one_explainer_generates_from_several_threads(method):
+    """Each thread's capture, head recorder and rules are its own: concurrent calls of one
+    Explainer give what each gives alone, and leave the model as it was."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = build("gpt2")
+    explainer = relfast.Explainer(model, method)
+    prompts = [inputs_for("gpt2", seed=s) for s in (1, 2, 3, 4)]
+    alone = [explainer.generate(p, max_new_tokens=4, **NO_END) for p in prompts]
+    before = generation_state(model)
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda p: explainer.generate(p, max_new_tokens=4, **NO_END), prompts))
+    for a, b in zip(alone, together):
+        assert torch.equal(a.sequences, b.sequences)
+        torch.testing.assert_close(b.relevance, a.relevance, rtol=1e-5, atol=1e-6)
+    assert same_state(generation_state(model), dict(before))
