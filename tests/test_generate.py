@@ -192,8 +192,9 @@ def same_state(a, b):
 
 
 @pytest.mark.parametrize("method", ["generic", "attnlrp"])
-def test_model_is_untouched_after_a_call_and_after_a_failure(method):
-    model = build("llama")
+@pytest.mark.parametrize("name", ["llama", "llama-eager"])
+def test_model_is_untouched_after_a_call_and_after_a_failure(method, name):
+    model = build(name)
     next(model.parameters()).requires_grad_(False)  # a user's own state that must survive
     lengths = []
     model.register_forward_hook(lambda module, args, kwargs, output: lengths.append(kwargs["input_ids"].shape[1]),

@@ -171,8 +171,11 @@ def same_state(a, b):
     return a == b and pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
-def test_model_is_untouched_after_calls_and_after_a_failure():
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_model_is_untouched_after_calls_and_after_a_failure(attention):
     model = build(dtype=torch.float32)
+    if attention == "eager":
+        model.set_attn_implementation("eager")
     inputs = prompts(model)
     with torch.no_grad():  # transformers installs its own hidden-state hooks on the tower at the first forward
         model(**inputs)
