@@ -18,9 +18,9 @@ GRID = IMAGE // PATCH
 
 # ---- models, float64, eval, with the attention they are loaded with by default ----
 
-def hf_vit():
+def hf_vit(layers=LAYERS):
     config = transformers.ViTConfig(image_size=IMAGE, patch_size=PATCH, num_channels=3, hidden_size=HIDDEN,
-                                    num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=64,
+                                    num_hidden_layers=layers, num_attention_heads=HEADS, intermediate_size=64,
                                     num_labels=CLASSES)
     return transformers.ViTForImageClassification(config)
 
@@ -32,15 +32,15 @@ def hf_bert():
     return transformers.BertForSequenceClassification(config)
 
 
-def timm_vit():
+def timm_vit(layers=LAYERS):
     from timm.models.vision_transformer import VisionTransformer
-    return VisionTransformer(img_size=IMAGE, patch_size=PATCH, embed_dim=HIDDEN, depth=LAYERS, num_heads=HEADS,
+    return VisionTransformer(img_size=IMAGE, patch_size=PATCH, embed_dim=HIDDEN, depth=layers, num_heads=HEADS,
                              mlp_ratio=2.0, num_classes=CLASSES)
 
 
-def torchvision_vit():
+def torchvision_vit(layers=LAYERS):
     from torchvision.models.vision_transformer import VisionTransformer
-    model = VisionTransformer(image_size=IMAGE, patch_size=PATCH, num_layers=LAYERS, num_heads=HEADS,
+    model = VisionTransformer(image_size=IMAGE, patch_size=PATCH, num_layers=layers, num_heads=HEADS,
                               hidden_dim=HIDDEN, mlp_dim=64, num_classes=CLASSES)
     torch.nn.init.normal_(model.heads.head.weight, std=0.5)  # torchvision zero-initialises the head
     return model

@@ -20,6 +20,7 @@ Tolerances (relative to the largest magnitude of the eager result, as in test_ex
 ONNX takes float32 models only (refused otherwise: ONNX Runtime cannot run the graph in other dtypes).
 """
 import json
+from functools import partial
 
 import numpy as np
 import onnx
@@ -33,6 +34,7 @@ from relfast.explain.attnlrp import written_out_attention
 from relfast.runtime import OnnxExplainer
 
 import bimodal_models
+import engine_models
 from engine_models import CLASSES, HAND_WRITTEN_LAYOUT, HEADS, HIDDEN, IMAGE, PATCH, VOCAB, HandWrittenViT
 from test_export import LOGITS_RTOL, RELEVANCE_RTOL, as_numpy, rel_err
 from test_export_causal_lm import last_real_tokens, without_explained_token
@@ -76,30 +78,10 @@ def llama_like(config, model, **extra):
     return build
 
 
-def hf_vit():
-    return transformers.ViTForImageClassification(transformers.ViTConfig(
-        image_size=IMAGE, patch_size=PATCH, num_channels=3, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, intermediate_size=64, num_labels=CLASSES))
-
-
 def deit():
     return transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(
         image_size=IMAGE, patch_size=PATCH, num_channels=3, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
         num_attention_heads=HEADS, intermediate_size=64, num_labels=CLASSES))
-
-
-def timm_vit():
-    from timm.models.vision_transformer import VisionTransformer
-    return VisionTransformer(img_size=IMAGE, patch_size=PATCH, embed_dim=HIDDEN, depth=LAYERS, num_heads=HEADS,
-                             mlp_ratio=2.0, num_classes=CLASSES)
-
-
-def torchvision_vit():
-    from torchvision.models.vision_transformer import VisionTransformer
-    model = VisionTransformer(image_size=IMAGE, patch_size=PATCH, num_layers=LAYERS, num_heads=HEADS,
-                              hidden_dim=HIDDEN, mlp_dim=64, num_classes=CLASSES)
-    torch.nn.init.normal_(model.heads.head.weight, std=0.5)  # torchvision zero-initialises the head
-    return model
 
 
 # name -> (builder, kind): "classifier" (right padding), "lm" (left padding), "image" (a dict of
@@ -109,8 +91,10 @@ MODELS = {
     "gpt2": (gpt2, "lm"), "llama": (llama_like("LlamaConfig", "LlamaForCausalLM"), "lm"),
     "qwen2": (llama_like("Qwen2Config", "Qwen2ForCausalLM"), "lm"),
     "mistral": (llama_like("MistralConfig", "MistralForCausalLM", sliding_window=None), "lm"),
-    "hf-vit": (hf_vit, "image"), "deit": (deit, "image"), "timm": (timm_vit, "image"),
-    "torchvision": (torchvision_vit, "image"), "hand-written": (HandWrittenViT, "image"),
+    "hf-vit": (partial(engine_models.hf_vit, layers=LAYERS), "image"), "deit": (deit, "image"),
+    "timm": (partial(engine_models.timm_vit, layers=LAYERS), "image"),
+    "torchvision": (partial(engine_models.torchvision_vit, layers=LAYERS), "image"),
+    "hand-written": (HandWrittenViT, "image"),
 }
 OPTIONS = {"hand-written": {"layout": relfast.TokenLayout(**HAND_WRITTEN_LAYOUT)}}  # explainer options
 FAST_ONNX = ("llama", "torchvision")  # text (dynamic length, padding) and images
