@@ -919,24 +919,74 @@ def evaluate_methods(args) -> None:
     if "digits" in names and args.samples is not None and args.samples > held_out_digits:
         _fail(f"--samples {args.samples}: the digits hold {held_out_digits} held-out samples; give at most "
               f"{held_out_digits}")
+    if args.workers is not None and (not args.ray or args.workers < 1):
+        _fail("--workers must be >= 1 and goes with --ray (the Ray actors that explain and score)")
     _require_eval(args.data, names, args.test)
+    if args.ray:
+        _require("ray", "'relfast[serve]' (ray[serve,data])", "relfast eval --ray")
     model = _load_checkpoint(args.model) if args.model else None
-    for name in names:
-        sized = {} if args.samples is None else {"samples": args.samples}
-        suite = table.SUITES[name](model, **sized)
-        tests = table.TESTS if args.test == "all" else (args.test,)
-        with _as_cli_error():
+    with _ray_session(args.ray, args.quiet):
+        for name in names:
+            _evaluate_suite(args, table, name, model, out, len(names))
+
+
+def _evaluate_suite(args, table, name: str, model, out: Path, suites: int) -> None:
+    """One data set's table: on stdout, results.csv and curves.png."""
+    sized = {} if args.samples is None else {"samples": args.samples}
+    suite = table.SUITES[name](model, **sized)
+    tests = table.TESTS if args.test == "all" else (args.test,)
+    with _as_cli_error():
+        if args.ray:  # the same rows, explained and scored by Ray actors (relfast.scale.evaluate)
+            from relfast.scale.evaluate import evaluate
+
+            rows = evaluate(suite, args.methods, tests, steps=args.steps, concurrency=args.workers or 2)
+        else:
             rows = table.evaluate(suite, args.methods, tests, steps=args.steps, progress=not args.quiet)
-        folder = out / name if args.data == "all" else out
-        folder.mkdir(parents=True, exist_ok=True)
-        table.write_csv(rows, folder / "results.csv")
-        if "perturbation" in tests:
-            table.plot_curves(rows, folder / "curves.png", title=f"{suite.name}: {len(suite.labels)} held-out samples")
-        if len(names) > 1:
-            print(f"\n{name} ({len(suite.labels)} held-out samples)")
-        print(table.format_table(rows))
-        if not args.quiet:
-            print(f"wrote {folder / 'results.csv'}" + (f" and {folder / 'curves.png'}" if "perturbation" in tests else ""))
+    folder = out / name if args.data == "all" else out
+    folder.mkdir(parents=True, exist_ok=True)
+    table.write_csv(rows, folder / "results.csv")
+    if "perturbation" in tests:
+        table.plot_curves(rows, folder / "curves.png", title=f"{suite.name}: {len(suite.labels)} held-out samples")
+    if suites > 1:
+        print(f"\n{name} ({len(suite.labels)} held-out samples)")
+    print(table.format_table(rows))
+    if not args.quiet:
+        print(f"wrote {folder / 'results.csv'}" + (f" and {folder / 'curves.png'}" if "perturbation" in tests else ""))
+
+
+@contextmanager
+def _ray_session(use_ray: bool, quiet: bool):
+    """Ray for `eval --ray`: the running cluster (RAY_ADDRESS, or a local instance started here and
+    stopped after), progress bars and Ray's info lines off with --quiet."""
+    if not use_ray:
+        yield
+        return
+    import logging
+    import warnings
+
+    import ray
+    import ray.data
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+                 logging_level=logging.WARNING if quiet else logging.INFO, log_to_driver=not quiet)
+    context = ray.data.DataContext.get_current()
+    bars, data_logger = context.enable_progress_bars, logging.getLogger("ray.data")
+    level = data_logger.level
+    context.enable_progress_bars = not quiet
+    if quiet:
+        data_logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            if quiet:  # e.g. Ray Data's note that a small data set leaves actors idle
+                warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        context.enable_progress_bars = bars
+        data_logger.setLevel(level)
+        if started:
+            ray.shutdown()
 
 
 DIGITS = 1797  # scikit-learn's digits: relfast.data.digits holds out those after its TRAIN_SIZE
@@ -1015,6 +1065,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     evaluation.add_argument("--steps", type=int, default=10, help="perturbation steps (fractions 0, 1/steps, ...)")
     evaluation.add_argument("--out", required=True, help="a folder for results.csv and curves.png")
     evaluation.add_argument("--quiet", action="store_true", help="print the table only")
+    evaluation.add_argument("--ray", action="store_true", help="explain and score on Ray Data actors "
+                            "(pip install 'relfast[serve]'): the same table; a running cluster if RAY_ADDRESS is "
+                            "set, else a local one")
+    evaluation.add_argument("--workers", type=int, help="with --ray: the actors (default 2), one CPU each")
     serve = commands.add_parser("serve", help="serve a model and its explainer over HTTP on Ray Serve "
                                 "(pip install 'relfast[serve]')")
     from relfast.serve import command as serve_command  # imports no numpy, torch or ray: the CLI starts at once

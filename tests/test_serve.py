@@ -167,7 +167,7 @@ def served(text_folder, causal_lm_folder, monkeypatch_module):
     monkeypatch_module.delenv("RAY_ADDRESS", raising=False)  # a fresh local instance, never someone else's
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the poisoned model class, for the replicas
     # logical CPUs: the six test replicas ask for 0.25 each, the command's replica for 1
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False)
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})

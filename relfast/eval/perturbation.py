@@ -147,6 +147,14 @@ def perturbation_curve(predict: Callable[[Data], Tensor], data: Data, labels: Te
 
 
 def _curve(predict, data, labels, scores, rankable, remove, positive: bool, fractions, where: str) -> np.ndarray:
+    return sample_correct(predict, data, labels, scores, rankable, remove, positive, fractions, where).sum(axis=0)
+
+
+def sample_correct(predict, data, labels, scores, rankable, remove, positive: bool, fractions,
+                   where: str = "relfast.eval.perturbation") -> np.ndarray:
+    """(B, S) float64: 1 where sample b is still predicted right after step s of removal. Summed
+    over samples it is the curve; per sample it adds up the same however a data set is split
+    (relfast.scale sums it over Ray's batches)."""
     if not bool(torch.isfinite(scores[rankable]).all()):  # NaN would sort anywhere: an arbitrary order
         raise ValueError(f"{where}: the relevance scores hold NaN or infinite values; no removal order follows")
     ranks = removal_ranks(scores, rankable, positive)
@@ -156,8 +164,8 @@ def _curve(predict, data, labels, scores, rankable, remove, positive: bool, frac
         if not isinstance(predicted, Tensor) or tuple(predicted.shape) != tuple(labels.shape):
             raise ValueError(f"{where}: 'predict' must return one class per sample {tuple(labels.shape)}, got "
                              f"{getattr(predicted, 'shape', type(predicted).__name__)}")
-        correct.append(int((predicted.to(labels.device) == labels).sum()))
-    return np.asarray(correct, dtype=np.float64)
+        correct.append((predicted.to(labels.device) == labels).cpu().numpy())
+    return np.stack(correct, axis=1).astype(np.float64)
 
 
 def perturbation(explainer, data: Data, labels: Tensor, *, positive: Union[bool, str] = True, steps: int = 10,
@@ -219,10 +227,7 @@ def perturbation(explainer, data: Data, labels: Tensor, *, positive: Union[bool,
             checks.token_id(mask_token_id, "mask_token_id", where, vocab)
         checks.token_id(pad_token_id, "pad_token_id", where, vocab)
     labels = checks.class_labels(labels, count, where, family.num_classes())
-    preprocess = preprocess or (lambda x: x)
-
-    def model_inputs(batch: Data) -> Data:
-        return preprocess(batch) if images else batch
+    tester = BatchPerturbation(family, layout, preprocess, mask_token_id, pad_token_id)
 
     def batch_at(start: int) -> Data:
         return data[start:start + batch_size] if images else {k: v[start:start + batch_size] for k, v in data.items()}
@@ -230,32 +235,54 @@ def perturbation(explainer, data: Data, labels: Tensor, *, positive: Union[bool,
     starts = range(0, count, batch_size)
     if images:  # the model's own checks (shape, channels, values), before any forward
         for start in starts:
-            checks.model_inputs(family, model_inputs(batch_at(start)), "data", where)
+            checks.model_inputs(family, tester.model_inputs(batch_at(start)), "data", where)
     else:
         checks.model_inputs(family, data, "data", where)
-
-    def predict(batch: Data) -> Tensor:
-        return family.plain_scores(model_inputs(batch)).argmax(dim=-1)
-
-    def remove(batch: Data, removed: Tensor) -> Data:  # the map may live where the model does, not the data
-        if images:
-            return remove_patches(batch, removed.to(batch.device), layout.patch_grid, layout.patch_size)
-        return remove_tokens(batch, removed.to(batch["input_ids"].device), mask_token_id, pad_token_id)
 
     correct = {direction: np.zeros(len(fractions)) for direction in directions}
     label = "both" if positive == "both" else ("positive" if positive else "negative")
     for start in tqdm(starts, desc=f"perturbation ({label})", unit="batch", disable=not progress):
         batch = batch_at(start)
         batch_labels = labels[start:start + batch_size]
-        explained = predict(batch) if target == "predicted" else batch_labels
-        out = explainer(model_inputs(batch), target=explained)
-        scores, rankable = _scores(out, batch, layout, images)
-        for direction in directions:
-            correct[direction] += _curve(predict, batch, batch_labels, scores, rankable, remove, direction, fractions,
-                                         where)
+        explained = tester.predict(batch) if target == "predicted" else batch_labels
+        out = explainer(tester.model_inputs(batch), target=explained)
+        for direction, per_sample in tester.correct(batch, batch_labels, out, directions, fractions, where).items():
+            correct[direction] += per_sample.sum(axis=0)
     curves = tuple(PerturbationCurve(fractions, correct[d] / count, area_under_curve(fractions, correct[d] / count), d)
                    for d in directions)
     return curves if positive == "both" else curves[0]
+
+
+class BatchPerturbation:
+    """One batch's share of the perturbation test: the model's inputs, its predictions, the
+    removal, and which samples stay right at each step. ``perturbation`` runs it batch by batch;
+    relfast.scale runs it in Ray's actors (same batches, same numbers)."""
+
+    def __init__(self, family, layout, preprocess: Optional[Callable[[Tensor], Tensor]] = None,
+                 mask_token_id: Optional[int] = None, pad_token_id: int = 0):
+        self.family, self.layout = family, layout
+        self.images = layout.is_vision
+        self.preprocess = preprocess or (lambda x: x)
+        self.mask_token_id, self.pad_token_id = mask_token_id, pad_token_id
+
+    def model_inputs(self, batch: Data) -> Data:
+        return self.preprocess(batch) if self.images else batch
+
+    def predict(self, batch: Data) -> Tensor:
+        return self.family.plain_scores(self.model_inputs(batch)).argmax(dim=-1)
+
+    def remove(self, batch: Data, removed: Tensor) -> Data:  # the map may live where the model does, not the data
+        if self.images:
+            layout = self.layout
+            return remove_patches(batch, removed.to(batch.device), layout.patch_grid, layout.patch_size)
+        return remove_tokens(batch, removed.to(batch["input_ids"].device), self.mask_token_id, self.pad_token_id)
+
+    def correct(self, batch: Data, labels: Tensor, out, directions, fractions,
+                where: str = "relfast.eval.perturbation") -> Dict[bool, np.ndarray]:
+        """By direction (True: most relevant first): (B, S) 1 where a sample is still right."""
+        scores, rankable = _scores(out, batch, self.layout, self.images)
+        return {direction: sample_correct(self.predict, batch, labels, scores, rankable, self.remove, direction,
+                                          fractions, where) for direction in directions}
 
 
 def _check_images(images: Tensor, layout, where: str) -> int:

@@ -22,7 +22,6 @@ def rationale_ap(explainer, inputs: Dict[str, Tensor], rationale: Tensor, *, tar
         inputs: a tokenizer's dict of (N, L) tensors, [CLS] first and [SEP] last.
         target: "predicted" (explain the predicted class) or "label" (``labels``, (N,)).
     """
-    from sklearn.metrics import average_precision_score
     from tqdm import tqdm
 
     where = "relfast.eval.rationale_ap"
@@ -67,12 +66,27 @@ def rationale_ap(explainer, inputs: Dict[str, Tensor], rationale: Tensor, *, tar
         if not isinstance(relevance, Tensor) or tuple(relevance.shape) != tuple(batch["input_ids"].shape):
             raise ValueError(f"{where}: the explainer's relevance must be (B, L) {tuple(batch['input_ids'].shape)}, "
                              f"one value per token, got {getattr(relevance, 'shape', type(relevance).__name__)}")
-        relevance = relevance.detach().double().cpu()
-        if not bool(torch.isfinite(relevance).all()):
-            raise ValueError(f"{where}: the explainer's relevance holds NaN or infinite values")
-        for b in range(relevance.shape[0]):
-            if scored[start + b]:
-                positions = words[start + b]
-                precisions.append(average_precision_score(rationale[start + b, positions].numpy(),
-                                                          relevance[b, positions].numpy()))
+        stop = start + relevance.shape[0]
+        found = sentence_precisions(relevance, real[start:stop], rationale[start:stop], where)
+        precisions.extend(float(p) for p in found[~np.isnan(found)])
     return float(np.mean(precisions))
+
+
+def sentence_precisions(relevance: Tensor, real: Tensor, rationale: Tensor,
+                        where: str = "relfast.eval.rationale_ap") -> np.ndarray:
+    """(B,) each sentence's average precision of its words' relevance against its rationale
+    ([CLS], [SEP] and padding left out: ``real`` is the attention mask); NaN where the rationale
+    marks none or all of its words (average precision needs both)."""
+    from sklearn.metrics import average_precision_score
+
+    relevance = relevance.detach().double().cpu()
+    if not bool(torch.isfinite(relevance).all()):
+        raise ValueError(f"{where}: the explainer's relevance holds NaN or infinite values")
+    real, rationale = real.bool().cpu(), rationale.bool().cpu()
+    precisions = np.full(relevance.shape[0], np.nan)
+    for b in range(relevance.shape[0]):
+        positions = real[b].nonzero().view(-1)[1:-1]
+        marked = rationale[b, positions]
+        if bool(marked.any()) and not bool(marked.all()):
+            precisions[b] = average_precision_score(marked.numpy(), relevance[b, positions].numpy())
+    return precisions

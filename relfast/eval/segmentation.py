@@ -7,7 +7,7 @@ mean. mAP is the mean over images of the average precision of the normalised map
 mask (scikit-learn), over the images whose mask has both classes.
 """
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -28,6 +28,45 @@ class SegmentationScores:
     images_in_ap: int
 
 
+def sample_scores(maps: Tensor, masks: Tensor) -> Dict[str, np.ndarray]:
+    """Each image's share of the scores, from maps (B, H, W) in [0, 1] and masks (B, H, W) bool:
+    "correct" and "pixels" (B,), "intersection" and "union" (B, 2) (background, foreground), all
+    counts, and "average_precision" (B,), NaN where the mask lacks one of the classes. Counts add
+    up the same however the images are batched."""
+    from sklearn.metrics import average_precision_score
+
+    where = "relfast.eval.SegmentationTotals.add"
+    if not isinstance(maps, Tensor) or maps.dim() != 3 or not maps.dtype.is_floating_point:
+        raise ValueError(f"{where}: argument 'maps' must be a float tensor (B, H, W), got "
+                         f"{getattr(maps, 'shape', type(maps).__name__)}")
+    if not bool(torch.isfinite(maps).all()):
+        raise ValueError(f"{where}: argument 'maps' holds NaN or infinite values")
+    masks = checks.binary(masks, "masks", where, maps.shape)  # another shape would broadcast silently
+    maps, masks = maps.detach().double().cpu(), masks.cpu()
+    predicted = maps > maps.mean(dim=(1, 2), keepdim=True)
+    intersection = np.zeros((maps.shape[0], 2), dtype=np.int64)
+    union = np.zeros_like(intersection)
+    for cls, (pred, truth) in enumerate(((~predicted, ~masks), (predicted, masks))):
+        intersection[:, cls] = (pred & truth).flatten(1).sum(dim=1).numpy()
+        union[:, cls] = (pred | truth).flatten(1).sum(dim=1).numpy()
+    precisions = np.full(maps.shape[0], np.nan)
+    for b, (heat, truth) in enumerate(zip(maps, masks)):
+        if truth.any() and not truth.all():  # average precision needs both classes
+            precisions[b] = average_precision_score(truth.flatten().numpy(), heat.flatten().numpy())
+    return {"correct": (predicted == masks).flatten(1).sum(dim=1).numpy().astype(np.int64),
+            "pixels": np.full(maps.shape[0], masks[0].numel() if len(masks) else 0, dtype=np.int64),
+            "intersection": intersection, "union": union, "average_precision": precisions}
+
+
+def segmentation_maps(out, size) -> Tensor:
+    """The explanation's maps as the test reads them: min-max normalised, at the images' ``size``."""
+    maps = out.image_map(upsample=True)  # min-max normalised, at the patch grid's pixel size
+    if tuple(maps.shape[1:]) != tuple(size):
+        maps = torch.nn.functional.interpolate(maps[:, None], size=tuple(size), mode="bilinear",
+                                               align_corners=False)[:, 0]
+    return maps
+
+
 class SegmentationTotals:
     """Running sums over images; ``add`` one batch of normalised maps and masks."""
 
@@ -39,25 +78,16 @@ class SegmentationTotals:
 
     def add(self, maps: Tensor, masks: Tensor) -> None:
         """maps: (B, H, W) in [0, 1]; masks: (B, H, W) bool, the object."""
-        from sklearn.metrics import average_precision_score
+        self.add_samples(sample_scores(maps, masks))
 
-        where = "relfast.eval.SegmentationTotals.add"
-        if not isinstance(maps, Tensor) or maps.dim() != 3 or not maps.dtype.is_floating_point:
-            raise ValueError(f"{where}: argument 'maps' must be a float tensor (B, H, W), got "
-                             f"{getattr(maps, 'shape', type(maps).__name__)}")
-        if not bool(torch.isfinite(maps).all()):
-            raise ValueError(f"{where}: argument 'maps' holds NaN or infinite values")
-        masks = checks.binary(masks, "masks", where, maps.shape)  # another shape would broadcast silently
-        maps, masks = maps.detach().double().cpu(), masks.cpu()
-        predicted = maps > maps.mean(dim=(1, 2), keepdim=True)
-        self.correct += int((predicted == masks).sum())
-        self.pixels += masks.numel()
-        for cls, (pred, truth) in enumerate(((~predicted, ~masks), (predicted, masks))):
-            self.intersection[cls] += int((pred & truth).sum())
-            self.union[cls] += int((pred | truth).sum())
-        for heat, truth in zip(maps, masks):
-            if truth.any() and not truth.all():  # average precision needs both classes
-                self.precisions.append(average_precision_score(truth.flatten().numpy(), heat.flatten().numpy()))
+    def add_samples(self, samples: Dict[str, np.ndarray]) -> None:
+        """Per-image counts of :func:`sample_scores` (from any batching, in the images' order)."""
+        self.correct += int(samples["correct"].sum())
+        self.pixels += int(samples["pixels"].sum())
+        self.intersection += samples["intersection"].sum(axis=0)
+        self.union += samples["union"].sum(axis=0)
+        precisions = samples["average_precision"]
+        self.precisions.extend(float(p) for p in precisions[~np.isnan(precisions)])
 
     def scores(self) -> SegmentationScores:
         """The scores so far; mean_ap is NaN (``images_in_ap`` 0) when no mask had both classes."""
@@ -105,8 +135,5 @@ def segmentation(explainer, images: Tensor, masks: Tensor, *, preprocess: Option
         batch = images[start:start + batch_size]
         explained = None if target == "predicted" else labels[start:start + batch_size]
         out = explainer(preprocess(batch), target=explained)
-        maps = out.image_map(upsample=True)  # min-max normalised, at the patch grid's pixel size
-        maps = torch.nn.functional.interpolate(maps[:, None], size=batch.shape[2:], mode="bilinear",
-                                               align_corners=False)[:, 0] if maps.shape[1:] != batch.shape[2:] else maps
-        totals.add(maps, masks[start:start + batch_size])
+        totals.add(segmentation_maps(out, batch.shape[2:]), masks[start:start + batch_size])
     return totals.scores()

@@ -107,11 +107,10 @@ def explainer_for(suite: Suite, method: str):
     return Explainer(suite.model, method)
 
 
-def evaluate(suite: Suite, methods: Sequence[str], tests: Sequence[str] = TESTS, steps: int = 10,
-             batch_size: int = 64, progress: bool = True) -> List[Row]:
+def check_evaluation(suite: Suite, methods: Sequence[str], tests: Sequence[str], where: str) -> list:
+    """An evaluation's arguments, checked before any work; each method's explainer."""
     from ..explain import METHODS
 
-    where = "relfast.eval.table.evaluate"
     known = list(METHODS) + list(REFERENCES)
     if isinstance(methods, str) or not methods or any(m not in known for m in methods):
         raise ValueError(f"{where}: argument 'methods' must be a non-empty list of methods among {known}, got "
@@ -121,7 +120,13 @@ def evaluate(suite: Suite, methods: Sequence[str], tests: Sequence[str] = TESTS,
     if list(tests) == ["segmentation"] and suite.masks is None and suite.rationale is None:  # every row empty
         raise ValueError(f"{where}: the {suite.name} suite has neither masks nor rationales; test 'segmentation' "
                          "needs one of them")
-    explainers = [explainer_for(suite, method) for method in methods]  # every method's options refused up front
+    return [explainer_for(suite, method) for method in methods]  # every method's options refused up front
+
+
+def evaluate(suite: Suite, methods: Sequence[str], tests: Sequence[str] = TESTS, steps: int = 10,
+             batch_size: int = 64, progress: bool = True) -> List[Row]:
+    """Each method's row of the table, in this process (relfast.scale.evaluate: on Ray, the same rows)."""
+    explainers = check_evaluation(suite, methods, tests, "relfast.eval.table.evaluate")
     rows = []
     for method, explainer in zip(methods, explainers):
         row = Row(method)

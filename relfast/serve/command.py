@@ -107,8 +107,10 @@ def run(args: argparse.Namespace, stop: Optional[threading.Event] = None) -> Non
     connected_here = not ray.is_initialized()  # a caller's own Ray connection is left as it is
     started_cluster = connected_here and args.address is None
     if connected_here:
-        ray.init(address=args.address, include_dashboard=False if started_cluster else None, configure_logging=False,
-                 log_to_driver=False)
+        # without --address, a Ray of its own: never a cluster RAY_ADDRESS or `ray start` left running,
+        # whose Serve this command would shut down on exit
+        ray.init(address=args.address or "local", include_dashboard=False if started_cluster else None,
+                 configure_logging=False, log_to_driver=False)
     try:
         # on a cluster whose Serve already runs, its HTTP host and port stay (Serve applies them once)
         serve.start(http_options={"host": args.host, "port": args.port})
