@@ -169,16 +169,14 @@ class ExplainWorker:
             if row.dtype.kind not in "iu" or row.size == 0:
                 raise ValueError(f"{WHERE}: column '{self.column}' must hold non-empty rows of token ids (ints), got "
                                  f"{row.dtype} of {row.size} ids")
-        if mask is not None or len({len(row) for row in rows}) == 1 and self.column == "input_ids":
+        fixed = mask is not None or (self.column == "input_ids" and len({len(row) for row in rows}) == 1)
+        if fixed:  # a (B, L) array as given: the relevance keeps its length
             ids = np.stack(rows).astype(np.int64)
             mask = np.ones_like(ids) if mask is None else mask.astype(np.int64)
             return ids, mask, None
-        lengths = [len(row) for row in rows]
-        ids = np.zeros((len(rows), max(lengths)), dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for b, row in enumerate(rows):
-            ids[b, :len(row)], mask[b, :len(row)] = row, 1
-        return ids, mask, lengths
+        from ..serve.backend import pad_right
+
+        return pad_right(rows)
 
     def _pixels(self, batch: Dict[str, np.ndarray]):
         import torch

@@ -118,6 +118,16 @@ def _saved_image_processor(folder: Path) -> Any:
         return None
 
 
+def pad_right(rows: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray, List[int]]:
+    """Rows of token ids padded on the right with 0 (masked): (B, N) ids, (B, N) mask, true lengths."""
+    lengths = [len(row) for row in rows]
+    ids = np.zeros((len(rows), max(lengths)), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for b, row in enumerate(rows):
+        ids[b, :len(row)], mask[b, :len(row)] = row, 1
+    return ids, mask, lengths
+
+
 def png_base64(pixels: np.ndarray) -> str:
     """(H, W, 3) floats in [0, 1] as a base64 PNG."""
     from PIL import Image
@@ -169,13 +179,7 @@ class Backend:
     def _padded(self, requests: List[Request]) -> Tuple[np.ndarray, np.ndarray, List[int]]:
         """Token ids padded on the right with 0 (masked): (B, N) ids, (B, N) mask, true lengths.
         relfast explains a padded sample as it is alone, so the batch does not change a map."""
-        rows = [self._token_ids(r) for r in requests]
-        lengths = [len(row) for row in rows]
-        ids = np.zeros((len(rows), max(lengths)), dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for b, row in enumerate(rows):
-            ids[b, :len(row)], mask[b, :len(row)] = row, 1
-        return ids, mask, lengths
+        return pad_right([self._token_ids(r) for r in requests])
 
     def _tokens(self, ids: np.ndarray) -> Optional[List[str]]:
         if self.tokenizer is None:
