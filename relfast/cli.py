@@ -61,9 +61,17 @@ EVAL_REFERENCES = ("random", "occlusion")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
 
 
+class CliError(SystemExit):
+    """A mistake reported as one line on stderr and exit status 2 (``main`` prints it). Code that
+    calls the loaders outside the command line (relfast.serve's backend) reads ``message``."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+
 def _fail(message: str) -> None:
-    print(f"relfast: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise CliError(message)
 
 
 def _require(module: str, package: str, needed_for: str) -> None:
@@ -1010,6 +1018,15 @@ def _eval_methods() -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    """The ``relfast`` command: a mistake is one line on stderr and exit status 2."""
+    try:
+        _main(argv)
+    except CliError as error:
+        print(f"relfast: error: {error.message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="relfast", description="Explain transformer predictions.")
     commands = parser.add_subparsers(dest="command", required=True)
     explain = commands.add_parser("explain", help="explain an image (or a folder of images) or a text")

@@ -469,10 +469,10 @@ def _args(*argv):
     (["/no/such/model"], "model /no/such/model does not exist"),
 ])
 def test_command_refuses_bad_flags_before_starting_ray(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(cli.CliError) as exit_info:  # a SystemExit(2) whose line relfast.cli.main prints
         command.run(_args(*argv))
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in exit_info.value.message
     # the same through the command line's own entry point (relfast serve ...)
     code, _, stderr = cli_in_process(capsys, "serve", *argv)
     assert code == 2 and message in stderr
@@ -505,10 +505,10 @@ def test_command_serves_until_stopped(served):
 def test_command_reports_a_model_its_replicas_cannot_load(served, tmp_path, capsys):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(cli.CliError) as exit_info:
         command.run(_args(str(garbage), "--route-prefix", "/garbage", "--name", "garbage"))
     assert exit_info.value.code == 2
-    error = capsys.readouterr().err
+    error = exit_info.value.message
     assert "the model could not be served" in error and "is not a checkpoint" in error, error
     assert "garbage" not in serve.status().applications
 

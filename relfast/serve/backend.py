@@ -34,16 +34,14 @@ def _first_line(error: BaseException) -> str:
 
 @contextlib.contextmanager
 def _cli_loader():
-    """relfast.cli's loaders report a bad model as one line on stderr and SystemExit(2), right for
-    the command line; inside a replica (or a user's program) that line becomes a ModelLoadError."""
-    stderr = io.StringIO()
+    """relfast.cli's loaders report a bad model as a CliError (one line and exit status 2 on the
+    command line); inside a replica (or a user's program) it becomes a ModelLoadError."""
+    from ..cli import CliError
+
     try:
-        with contextlib.redirect_stderr(stderr):
-            yield
-    except SystemExit as error:
-        line = stderr.getvalue().strip().splitlines()
-        message = line[-1] if line else f"exit status {error.code}"
-        raise ModelLoadError(message.removeprefix("relfast: error: ")) from None
+        yield
+    except CliError as error:
+        raise ModelLoadError(error.message) from None
 
 
 def is_torchscript(path: Path) -> bool:
