@@ -191,7 +191,7 @@ def test_eval_ray_prints_the_single_process_table(capsys, tmp_path):
 def test_eval_on_ray_equals_the_table_for_text_and_digits():
     """The sentiment suite (rationale AP, token deletion) and the digits (perturbation only): every
     number of each row equal, not only the rounded table."""
-    for name, methods, samples, tests in (("sentiment", ["generic"], 40, table.TESTS),
+    for name, methods, samples, tests in (("sentiment", ["generic", "random"], 40, table.TESTS),
                                           ("digits", ["attnlrp"], 100, ("perturbation",))):
         suite = table.SUITES[name](None, samples=samples)
         single = table.evaluate(suite, methods, tests, batch_size=32, progress=False)
