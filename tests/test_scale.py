@@ -232,18 +232,25 @@ def test_text_rows_of_different_lengths_equal_each_row_alone(causal_lm_folder):
         assert "image_map" not in rows[i]
 
 
-def test_an_exported_file_explains_as_its_runtime(default_files):
+def test_exported_files_explain_as_their_runtimes(default_files):
+    import relfast.ops  # noqa: F401  (the relfast:: ops the TorchScript file calls)
     from relfast.runtime import OnnxExplainer
 
     images, _, _ = make_shapes(40, seed=3)
     pixels = normalize(images).numpy()
-    rows = scale.explain_dataset({"id": np.arange(40), "pixel_values": pixels}, str(default_files["onnx"]),
-                                 batch_size=16).take_all()
-    rows = sorted(rows, key=lambda row: int(row["id"]))
-    expected = OnnxExplainer(default_files["onnx"]).run({"pixel_values": pixels})
-    relevance = np.stack([row["relevance"] for row in rows])
-    assert relative_error(relevance, expected["relevance"]) <= 1e-5
-    assert [int(row["target"]) for row in rows] == expected["explained_target"].tolist()
+    onnx = OnnxExplainer(default_files["onnx"]).run({"pixel_values": pixels})
+    with torch.no_grad():
+        _, script_relevance, script_target = torch.jit.load(str(default_files["script"]))(torch.from_numpy(pixels))
+    expected = {"onnx": (onnx["relevance"], onnx["explained_target"]),
+                "script": (script_relevance.numpy(), script_target.numpy())}
+    for kind, (relevance, targets) in expected.items():
+        rows = scale.explain_dataset({"id": np.arange(40), "pixel_values": pixels}, str(default_files[kind]),
+                                     batch_size=16).take_all()
+        rows = sorted(rows, key=lambda row: int(row["id"]))
+        got = np.stack([row["relevance"] for row in rows])
+        assert relative_error(got, relevance) <= 1e-5, kind
+        assert [int(row["target"]) for row in rows] == targets.tolist(), kind
+        assert np.stack([row["image_map"] for row in rows]).shape == (40, 8, 8)
 
 
 # ---- bad arguments: a clear error before the pool starts ----
@@ -297,3 +304,36 @@ def test_a_written_folder_with_a_row_missing_or_twice_is_an_error(tmp_path):
         else:
             with pytest.raises(RuntimeError, match="did not write each row once"):
                 _check_written(folder, "id", 4)
+
+
+def test_pictures_of_any_size_are_prepared_as_relfast_serve_prepares_an_upload():
+    """Column "image": uint8 pictures of different sizes; each is resized and normalised as
+    `relfast serve` / `relfast explain --image` do it, then explained by the embedded model."""
+    generator = np.random.default_rng(4)
+    sizes = [(64, 64), (80, 50), (30, 30), (120, 90), (64, 64)]
+    pictures = [generator.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in sizes]
+    dataset = ray.data.from_items([{"id": i, "image": picture} for i, picture in enumerate(pictures)])
+    rows = {int(r["id"]): r for r in scale.explain_dataset(dataset, None, batch_size=3).take_all()}
+    explainer = relfast.Explainer(relfast.models.default_model())
+    for i, picture in enumerate(pictures):
+        pixels = torch.from_numpy(picture).float().div(255).permute(2, 0, 1)[None]
+        pixels = torch.nn.functional.interpolate(pixels, size=(64, 64), mode="bilinear", align_corners=False)
+        expected = explainer(normalize(pixels)).image_map()[0].numpy()
+        assert relative_error(np.asarray(rows[i]["image_map"]), expected) <= 1e-5, i
+
+
+def test_token_id_rows_of_different_lengths_equal_each_row_alone(causal_lm_folder):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(causal_lm_folder).eval()
+    generator = np.random.default_rng(5)
+    rows_in = [generator.integers(2, model.config.vocab_size, size=n) for n in (5, 9, 2, 7)]
+    dataset = ray.data.from_items([{"id": i, "input_ids": ids} for i, ids in enumerate(rows_in)])
+    rows = {int(r["id"]): r for r in scale.explain_dataset(dataset, model, method="attnlrp", batch_size=4).take_all()}
+    explainer = relfast.Explainer(model, "attnlrp")
+    for i, ids in enumerate(rows_in):
+        out = explainer({"input_ids": torch.from_numpy(ids)[None], "attention_mask": torch.ones(1, len(ids),
+                                                                                              dtype=torch.long)})
+        relevance = np.asarray(rows[i]["relevance"])
+        assert relevance.shape == (len(ids),)
+        assert relative_error(relevance, out.relevance[0].numpy()) <= 1e-5, i
