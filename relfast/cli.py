@@ -57,6 +57,8 @@ METHODS = ("generic", "rollout", "raw_attention", "attn_gradcam", "transformer_a
 GENERATE_METHODS = ("generic", "attnlrp")  # relfast.explain.generate.GENERATE_METHODS (not imported: no torch here)
 EXPORTABLE_METHODS = ("generic", "rollout", "raw_attention", "attn_gradcam", "transformer_attribution", "attnlrp")
 EVAL_REFERENCES = ("random", "occlusion")
+LRP_RULES = ("paper", "textbook")  # relfast.explain.methods.lrp.RULES: the option 'rules' of these methods
+LRP_RULE_METHODS = ("partial_lrp", "lrp")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -72,6 +74,14 @@ class CliError(SystemExit):
 
 def _fail(message: str) -> None:
     raise CliError(message)
+
+
+def _explainer(model, args):
+    """The command's explainer: --method, with --rules for the LRP baselines."""
+    import relfast
+
+    rules = getattr(args, "rules", None)
+    return relfast.Explainer(model, args.method, **({} if rules is None else {"rules": rules}))
 
 
 def _require(module: str, package: str, needed_for: str) -> None:
@@ -214,7 +224,7 @@ def explain_images(args) -> None:
     names = list(relfast.data.CLASSES) if args.model is None else [str(c) for c in range(classes)]
     targets = _targets(args.target, classes)
     with _as_cli_error():
-        explainer = relfast.Explainer(model, args.method)
+        explainer = _explainer(model, args)
     out = Path(args.out)
     if source.is_dir():
         out.mkdir(parents=True, exist_ok=True)
@@ -293,7 +303,7 @@ def explain_image_text(args) -> None:
 
     processor, model = _load_hf_vision(args.model, CLIPModel)
     with _as_cli_error():  # a method CLIP cannot take, before the image is read
-        explainer = relfast.Explainer(model, args.method)
+        explainer = _explainer(model, args)
     image = _read_rgb(Path(args.image))
     inputs = _processed(processor, Path(args.image), image, args, text=[args.text], padding=True)
     inputs = {key: value for key, value in inputs.items() if key in ("pixel_values", "input_ids", "attention_mask")}
@@ -320,7 +330,7 @@ def explain_detections(args) -> None:
 
     processor, model = _load_hf_vision(args.model, DetrForObjectDetection)
     with _as_cli_error():  # a method DETR cannot take, before the image is read
-        explainer = relfast.Explainer(model, args.method)
+        explainer = _explainer(model, args)
     image = _read_rgb(Path(args.image))
     inputs = _processed(processor, Path(args.image), image, args)
     inputs = {key: value for key, value in inputs.items() if key in ("pixel_values", "pixel_mask")}
@@ -371,7 +381,7 @@ def explain_text(args) -> None:
     # IndexError: a --compare text longer than the model's 512 positions fails inside the model
     with _as_cli_error("--text: ", (ValueError, IndexError)):
         target = relfast.explain.mean_pooled_cosine(model, explained, other)
-        out = relfast.Explainer(model, args.method)(explained, target=target)
+        out = _explainer(model, args)(explained, target=target)
     tokens = tokenizer.convert_ids_to_tokens(explained["input_ids"][0])
     keep = [i for i, t in enumerate(tokens) if t not in tokenizer.all_special_tokens]
     relfast.viz.save_text_html([([tokens[i] for i in keep], out.relevance[0, keep], f"similar to: {args.compare}")],
@@ -392,7 +402,7 @@ def explain_text_classifier(args) -> None:
     targets = _targets(args.target, model.config.num_labels)
     inputs = tokenizer([args.text], return_tensors="pt")
     with _as_cli_error():  # several --target classes: one heatmap row each, from one forward
-        out = relfast.Explainer(model, args.method)(inputs, target=targets)
+        out = _explainer(model, args)(inputs, target=targets)
     tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
     keep = [i for i, t in enumerate(tokens) if t not in tokenizer.all_special_tokens]
     explained = out.target[0].view(-1).tolist()
@@ -433,7 +443,7 @@ def explain_causal_lm(args) -> None:
     if inputs["input_ids"].shape[1] == 0:
         _fail(f"--text {args.text!r} holds no tokens for this tokenizer; there is nothing to explain")
     with _as_cli_error():  # several --target tokens: one heatmap row each
-        out = relfast.Explainer(model, args.method)(inputs, target=targets)
+        out = _explainer(model, args)(inputs, target=targets)
     ids = inputs["input_ids"][0].tolist()
     # Special tokens the tokenizer added (BOS, ...) are not shown, as for classifiers; unknown words are.
     special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
@@ -467,7 +477,7 @@ def explain_generated(args) -> None:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     extra = {"pad_token_id": pad} if getattr(model.generation_config, "pad_token_id", None) is None and pad is not None else {}
     with _as_cli_error("--generate: "):
-        answer = relfast.Explainer(model, args.method).generate(inputs, max_new_tokens=args.generate,
+        answer = _explainer(model, args).generate(inputs, max_new_tokens=args.generate,
                                                                 tokenizer=tokenizer, **extra)
     special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
     relfast.viz.save_generation_page(answer, args.out, hide_tokens=special, title=f"{args.text} ...")
@@ -494,7 +504,7 @@ def explain_generated_with_image(args) -> None:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     extra = {"pad_token_id": pad} if getattr(model.generation_config, "pad_token_id", None) is None and pad is not None else {}
     with _as_cli_error("--generate: "):
-        answer = relfast.Explainer(model, args.method).generate(inputs, max_new_tokens=args.generate,
+        answer = _explainer(model, args).generate(inputs, max_new_tokens=args.generate,
                                                                 tokenizer=tokenizer, **extra)
     # the picture as the model saw it: the processor's resize and crop, its normalisation undone
     pixels = inputs["pixel_values"][0].double()
@@ -687,7 +697,7 @@ def export_model(args) -> None:
     hf_logging.disable_progress_bar()  # stderr: errors, not HF's weight-loading bar
     model, _, make_inputs = _load_model_and_inputs(args.model, "export")
     with _as_cli_error():
-        explainer = relfast.Explainer(model, args.method)
+        explainer = _explainer(model, args)
     # DETR's file has the example's batch (relfast.export): its parity and timings stay at batch 1
     fixed = bool(explainer.family.fixed_batch_export)
     parity_batches, timed_batches = ((1, 1, 1, 1), (1,)) if fixed else ((1, 2, 5, 16), (1, 8))
@@ -838,7 +848,7 @@ def bench_model(args) -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     model.to(device=device, dtype=dtype)
     with _as_cli_error():
-        explainer = relfast.Explainer(model, args.method)
+        explainer = _explainer(model, args)
     rows = [("model", args.model or "embedded default model"), ("batch", args.batch), ("device", args.device),
             ("dtype", args.dtype), ("method", args.method)]
     if kind in _TEXT_KINDS:
@@ -907,6 +917,8 @@ def evaluate_methods(args) -> None:
     unknown = [m for m in args.methods if m not in _eval_methods()]
     if unknown:
         _fail(f"--methods: unknown method(s) {', '.join(unknown)}; choose among {', '.join(_eval_methods())}")
+    if args.rules is not None and not set(args.methods) & set(LRP_RULE_METHODS):
+        _fail(f"--rules applies to {' and '.join(LRP_RULE_METHODS)}, and --methods names neither")
     if (args.samples is not None and args.samples < 1) or args.steps < 2:
         _fail("--samples must be >= 1 and --steps >= 2")
     out = Path(args.out)
@@ -947,9 +959,11 @@ def _evaluate_suite(args, table, name: str, model, out: Path, suites: int) -> No
         if args.ray:  # the same rows, explained and scored by Ray actors (relfast.scale.evaluate)
             from relfast.scale.evaluate import evaluate
 
-            rows = evaluate(suite, args.methods, tests, steps=args.steps, concurrency=args.workers or 2)
+            rows = evaluate(suite, args.methods, tests, steps=args.steps, concurrency=args.workers or 2,
+                            rules=args.rules)
         else:
-            rows = table.evaluate(suite, args.methods, tests, steps=args.steps, progress=not args.quiet)
+            rows = table.evaluate(suite, args.methods, tests, steps=args.steps, progress=not args.quiet,
+                                  rules=args.rules)
     folder = out / name if args.data == "all" else out
     folder.mkdir(parents=True, exist_ok=True)
     table.write_csv(rows, folder / "results.csv")
@@ -1041,6 +1055,8 @@ def _main(argv: Optional[List[str]] = None) -> None:
                          "raw_attention, attn_gradcam, lrp (a pixel map for images), partial_lrp, attnlrp")
     explain.add_argument("--target", help="class index (causal LMs: next-token id), or several separated by commas "
                          "(default: the prediction)")
+    explain.add_argument("--rules", choices=LRP_RULES, help="methods lrp and partial_lrp: the papers' code's rules "
+                         "(paper, the default) or the textbook ones (docs/METHODS.md)")
     explain.add_argument("--generate", type=int, metavar="N", help="causal LMs: generate N tokens after --text and "
                          "write a page (--out .html) where clicking a generated token shows what drove it")
     explain.add_argument("--out", required=True, help="output PNG (a folder for a folder of images) or HTML file")
@@ -1059,6 +1075,7 @@ def _main(argv: Optional[List[str]] = None) -> None:
     bench.add_argument("--batch", type=int, required=True, help="samples per call")
     bench.add_argument("--method", default="generic", help="generic (default), transformer_attribution, rollout, "
                        "raw_attention, attn_gradcam, lrp, partial_lrp, attnlrp")
+    bench.add_argument("--rules", choices=LRP_RULES, help="methods lrp and partial_lrp: paper (default) or textbook")
     bench.add_argument("--seconds", type=float, default=10.0, help="wall time of the measurement (default 10; at "
                        f"least {BENCH_MIN_CALLS} calls of each kind)")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs (default cpu)")
@@ -1076,6 +1093,8 @@ def _main(argv: Optional[List[str]] = None) -> None:
                             "scripts/train_digits_model.py (default: the shipped model of --data)")
     evaluation.add_argument("--methods", nargs="+", default=["generic", "rollout", "raw_attention", "random"],
                             help="methods (any of relfast's, plus the references 'random' and 'occlusion')")
+    evaluation.add_argument("--rules", choices=LRP_RULES, help="the rules of lrp and partial_lrp among --methods: "
+                            "paper (default) or textbook")
     evaluation.add_argument("--test", choices=("perturbation", "segmentation", "all"), default="all")
     evaluation.add_argument("--samples", type=int, default=None, help="held-out samples (default: shapes 256, "
                             "digits 500 (all of them), sentiment 500)")
@@ -1098,6 +1117,8 @@ def _main(argv: Optional[List[str]] = None) -> None:
         return serve_command.run(args)
     if args.method not in METHODS:
         _fail(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
+    if getattr(args, "rules", None) is not None and args.method not in LRP_RULE_METHODS:
+        _fail(f"--rules applies to --method {' or '.join(LRP_RULE_METHODS)}, not {args.method}")
     if args.command == "export":
         if args.method not in EXPORTABLE_METHODS:
             _fail(f"--method {args.method} is not exportable yet; exportable: {', '.join(EXPORTABLE_METHODS)}")

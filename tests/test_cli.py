@@ -56,6 +56,24 @@ def test_explain_an_image_with_a_relevance_method(images, tmp_path, method):
     assert picture.shape[1] > 1.5 * picture.shape[0]
 
 
+def test_explain_rules_choose_the_lrp_rule_set(images, tmp_path):
+    """--rules textbook draws the textbook rules' map: another picture than the default (paper) one."""
+    folder, _ = images
+    pictures = {}
+    for rules in ("paper", "textbook"):
+        out = tmp_path / f"{rules}.png"
+        result = run("explain", "--image", str(folder / "img1.png"), "--method", "partial_lrp", "--rules", rules,
+                     "--out", str(out), "--quiet")
+        assert result.returncode == 0, result.stderr
+        pictures[rules] = plt.imread(out)
+    default = tmp_path / "default.png"
+    assert run("explain", "--image", str(folder / "img1.png"), "--method", "partial_lrp", "--out", str(default),
+               "--quiet").returncode == 0
+    assert (plt.imread(default) == pictures["paper"]).all()
+    assert pictures["paper"].shape == pictures["textbook"].shape
+    assert not (pictures["paper"] == pictures["textbook"]).all()
+
+
 def test_export_transformer_attribution_prints_parity(tmp_path):
     result = run("export", "--method", "transformer_attribution", "--format", "onnx", "--out", str(tmp_path / "t.onnx"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -230,11 +248,13 @@ def test_the_clis_method_lists_are_relfasts():
     from relfast import cli
     from relfast.eval.table import REFERENCES
     from relfast.explain import METHODS
+    from relfast.explain.methods.lrp import RULES
     from relfast.export.graph import EXPORTABLE_METHODS
 
     assert cli.METHODS == tuple(METHODS)
     assert cli.EXPORTABLE_METHODS == tuple(EXPORTABLE_METHODS)
     assert cli.EVAL_REFERENCES == tuple(REFERENCES)
+    assert cli.LRP_RULES == tuple(RULES)
 
 
 def test_help_and_flag_mistakes_do_not_import_torch():

@@ -45,6 +45,8 @@ def test_eval_on_digits_perturbation_only(tmp_path):
     (["--methods", "best"], "unknown method(s) best"),
     (["--data", "digits", "--test", "segmentation"], "needs object masks"),
     (["--steps", "1"], "--steps >= 2"),
+    (["--methods", "generic", "--rules", "textbook"], "--rules applies to partial_lrp and lrp"),
+    (["--methods", "lrp", "--rules", "best"], "invalid choice: 'best'"),
 ])
 def test_eval_mistakes(tmp_path, args, words):
     result = run(*args, "--out", str(tmp_path / "x"))
@@ -130,3 +132,20 @@ def test_eval_all_data_sets_into_one_folder_each(tmp_path):
     for name in ("shapes", "digits", "sentiment"):
         assert (tmp_path / name / "results.csv").is_file() and (tmp_path / name / "curves.png").is_file()
         assert f"{name} (12 held-out samples)" in result.stdout
+
+
+def test_eval_rules_choose_the_lrp_baselines_rule_set(tmp_path):
+    """--rules textbook: the rows of lrp and partial_lrp with the textbook rules, as
+    relfast.eval.table.evaluate gives them; other methods' rows as without the flag."""
+    from relfast.eval import table
+
+    result = run("--methods", "lrp", "partial_lrp", "rollout", "--rules", "textbook", "--samples", "24",
+                 "--quiet", "--out", str(tmp_path / "t"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = list(csv.DictReader(open(tmp_path / "t" / "results.csv")))
+    suite = table.shapes_suite(samples=24)
+    textbook = table.evaluate(suite, ["lrp", "partial_lrp", "rollout"], rules="textbook", progress=False)
+    paper = table.evaluate(suite, ["lrp", "partial_lrp"], progress=False)
+    expected = [{k: "" if v is None else str(v) for k, v in row.values().items()} for row in textbook]
+    assert written == expected
+    assert [row.values() for row in textbook[:2]] != [row.values() for row in paper]  # the flag changed them

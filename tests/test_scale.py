@@ -178,7 +178,7 @@ def test_an_actor_killed_mid_run_loses_no_row_and_duplicates_none(tmp_path):
 # ---- eval --ray ----
 
 def test_eval_ray_prints_the_single_process_table(capsys, tmp_path):
-    args = ["eval", "--data", "shapes", "--samples", "80", "--methods", "lrp", "random", "--quiet"]
+    args = ["eval", "--data", "shapes", "--samples", "80", "--methods", "lrp", "random", "--rules", "textbook", "--quiet"]
     code, single, err = cli_in_process(capsys, *args, "--out", str(tmp_path / "one"))
     assert code == 0, err
     code, on_ray, err = cli_in_process(capsys, *args, "--ray", "--workers", "2", "--out", str(tmp_path / "ray"))

@@ -93,8 +93,12 @@ class Row:
                 "rationale_ap": None if self.rationale_ap is None else round(self.rationale_ap, 4)}
 
 
-def explainer_for(suite: Suite, method: str):
-    """A relfast.Explainer for ``method``, or the random / occlusion reference."""
+LRP_RULE_METHODS = ("partial_lrp", "lrp")  # the methods that take the option 'rules'
+
+
+def explainer_for(suite: Suite, method: str, rules: Optional[str] = None):
+    """A relfast.Explainer for ``method`` (``rules``: the LRP baselines' rule set, None: their
+    default), or the random / occlusion reference."""
     from ..explain import Explainer
 
     if method in REFERENCES:
@@ -104,10 +108,13 @@ def explainer_for(suite: Suite, method: str):
         if suite.is_text:
             return Occlusion(base)  # a token deleted: padded and masked out
         return Occlusion(base, baseline=suite.preprocess(torch.zeros(1, suite.images.shape[1], 1, 1))[0, :, 0, 0])
+    if rules is not None and method in LRP_RULE_METHODS:
+        return Explainer(suite.model, method, rules=rules)
     return Explainer(suite.model, method)
 
 
-def check_evaluation(suite: Suite, methods: Sequence[str], tests: Sequence[str], where: str) -> list:
+def check_evaluation(suite: Suite, methods: Sequence[str], tests: Sequence[str], where: str,
+                     rules: Optional[str] = None) -> list:
     """An evaluation's arguments, checked before any work; each method's explainer."""
     from ..explain import METHODS
 
@@ -120,13 +127,17 @@ def check_evaluation(suite: Suite, methods: Sequence[str], tests: Sequence[str],
     if list(tests) == ["segmentation"] and suite.masks is None and suite.rationale is None:  # every row empty
         raise ValueError(f"{where}: the {suite.name} suite has neither masks nor rationales; test 'segmentation' "
                          "needs one of them")
-    return [explainer_for(suite, method) for method in methods]  # every method's options refused up front
+    if rules is not None and not set(methods) & set(LRP_RULE_METHODS):  # it would change nothing
+        raise ValueError(f"{where}: argument 'rules' applies to {' and '.join(LRP_RULE_METHODS)}, and 'methods' "
+                         f"names neither: {list(methods)}")
+    return [explainer_for(suite, method, rules) for method in methods]  # every method's options refused up front
 
 
 def evaluate(suite: Suite, methods: Sequence[str], tests: Sequence[str] = TESTS, steps: int = 10,
-             batch_size: int = 64, progress: bool = True) -> List[Row]:
-    """Each method's row of the table, in this process (relfast.scale.evaluate: on Ray, the same rows)."""
-    explainers = check_evaluation(suite, methods, tests, "relfast.eval.table.evaluate")
+             batch_size: int = 64, progress: bool = True, rules: Optional[str] = None) -> List[Row]:
+    """Each method's row of the table, in this process (relfast.scale.evaluate: on Ray, the same
+    rows). ``rules``: the rule set of lrp and partial_lrp ("paper", their default, or "textbook")."""
+    explainers = check_evaluation(suite, methods, tests, "relfast.eval.table.evaluate", rules)
     rows = []
     for method, explainer in zip(methods, explainers):
         row = Row(method)

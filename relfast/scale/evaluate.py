@@ -8,7 +8,7 @@ that add up the same however the data set is split; the driver sums them in id o
 set is cut into blocks of ``batch_size`` rows in order, so each actor call explains the batch one
 process explains (relfast.eval.table.evaluate), and the table is the same to the last digit.
 """
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -95,7 +95,8 @@ def _in_order(rows: Dict[str, np.ndarray], count: int) -> Dict[str, np.ndarray]:
 
 
 def evaluate(suite, methods: Sequence[str], tests: Sequence[str] = ("perturbation", "segmentation"),
-             steps: int = 10, batch_size: int = 64, concurrency: int = 2, num_cpus: float = 1) -> List[Any]:
+             steps: int = 10, batch_size: int = 64, concurrency: int = 2, num_cpus: float = 1,
+             rules: Optional[str] = None) -> List[Any]:
     """relfast.eval.table.evaluate on Ray: the same rows (Row per method), computed by one pool of
     ``concurrency`` explain_dataset actors, each explaining ``batch_size`` samples a call with
     every method and scoring them."""
@@ -103,7 +104,7 @@ def evaluate(suite, methods: Sequence[str], tests: Sequence[str] = ("perturbatio
     from ..eval.segmentation import SegmentationTotals
     from ..eval.table import Row, check_evaluation
 
-    explainers = check_evaluation(suite, methods, tests, WHERE)
+    explainers = check_evaluation(suite, methods, tests, WHERE, rules)
     fractions = _fractions(steps, WHERE)
     count = len(suite.labels)
     dataset = from_arrays(_columns(suite), block_rows=batch_size)
