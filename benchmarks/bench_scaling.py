@@ -25,9 +25,9 @@ resident set), on CUDA ``max_memory_allocated`` above the allocation before. A r
 attention alone would not fit in memory is skipped and reported as such. The module writes
 ``scaling_time.png`` and ``scaling_memory.png`` beside this file and prints the table.
 """
-import ctypes
 import gc
 import os
+import sys
 from collections import defaultdict
 
 import pytest
@@ -44,33 +44,11 @@ IMPLS = ("forward", "floor", "relfast-sdpa", "relfast-eager", "reference")
 MATERIALISING = ("relfast-eager", "reference")  # hold every layer's (B, H, N, N) probabilities
 ROUNDS = 2  # timed rounds after the untimed memory run (which is the warm-up)
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "scripts"))
+from side_memory import working_memory as cpu_working_memory  # noqa: E402 (scripts/side_memory.py)
 
 # (device, model, N) -> {impl: {"time": median s, "memory": bytes} or {"skipped": reason}}
 SCALING = defaultdict(dict)
-
-
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-    # Large blocks always mmapped and returned on free (fixing the threshold stops its dynamic
-    # growth): the resident set then follows the live tensors.
-    _LIBC.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-except OSError:
-    _LIBC = None
-
-
-def _release_free_heap():
-    """Free heap pages back to the OS, so a call's peak counts the pages it touches, not pages an
-    earlier call left resident for reuse."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _meminfo_available():
@@ -91,12 +69,7 @@ def working_memory(fn, device):
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    _release_free_heap()
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
-    fn()
-    return _status_kib("VmHWM") - before
+    return cpu_working_memory(fn)  # the same measure as the peers' side-environment scripts
 
 
 _BUILT = {}

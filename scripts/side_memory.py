@@ -1,6 +1,7 @@
-"""Peak working memory of one call, for the scripts that run in the peers' side environments
-(scripts/bench_lxt.py, scripts/captum_generate.py): the way benchmarks/bench_scaling.py's
-``working_memory`` measures relfast, without importing relfast or its environment."""
+"""Peak working memory of one call on the CPU, one measure for relfast's benchmarks
+(benchmarks/bench_scaling.py's ``working_memory``) and for the scripts that run in the peers'
+side environments (scripts/bench_lxt.py, scripts/captum_generate.py): it imports neither relfast
+nor torch, so it runs in any of those environments."""
 import ctypes
 import gc
 

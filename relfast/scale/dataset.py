@@ -129,7 +129,14 @@ class ExplainWorker:
 
     def explain(self, batch: Dict[str, np.ndarray]):
         """(relevance, image_map or None, target, predicted) as numpy, one entry per row."""
-        return self._explain_file(batch) if self.explainer is None else self._explain_torch(batch)[:4]
+        if self.explainer is None:
+            return self._explain_file(batch)
+        import torch
+
+        inputs, lengths = self.model_inputs(batch)
+        targets = self._targets(batch)
+        out = self.explainer(inputs, target=None if targets is None else torch.from_numpy(targets))
+        return self._columns(out, lengths)
 
     def _targets(self, batch: Dict[str, np.ndarray]) -> Optional[np.ndarray]:
         if self.target_column is None:
@@ -210,31 +217,18 @@ class ExplainWorker:
         """The batch as the explainer takes it, and the true lengths of rows relfast padded."""
         import torch
 
+        parameter = next(self.explainer.model.parameters())  # where and in what dtype the model runs
         if self.is_image:
-            model = getattr(self.explainer, "model", None)
-            pixels = self._pixels(batch)
-            if model is not None:
-                parameter = next(model.parameters(), None)
-                if parameter is not None:
-                    pixels = pixels.to(parameter.device, parameter.dtype)
-            return pixels, None
+            return self._pixels(batch).to(parameter.device, parameter.dtype), None
         ids, mask, lengths = self._token_inputs(batch)
-        device = next(self.explainer.model.parameters()).device
+        device = parameter.device
         inputs = {"input_ids": torch.from_numpy(ids).to(device), "attention_mask": torch.from_numpy(mask).to(device)}
         if "token_type_ids" in batch and lengths is None:  # a tokenizer's fixed-length columns, passed on as given
             inputs["token_type_ids"] = torch.from_numpy(np.asarray(batch["token_type_ids"]).astype(np.int64)).to(device)
         return inputs, lengths
 
-    def _explain_torch(self, batch: Dict[str, np.ndarray], target=None):
-        """The explanation of one batch with the explainer (target: the column's, else the
-        prediction); also returns the Explanation and the model inputs (relfast.scale.evaluate)."""
-        import torch
-
-        inputs, lengths = self.model_inputs(batch)
-        if target is None:
-            targets = self._targets(batch)
-            target = None if targets is None else torch.from_numpy(targets)
-        out = self.explainer(inputs, target=target)
+    def _columns(self, out, lengths: Optional[List[int]]):
+        """An Explanation as the output columns: (relevance, image_map or None, target, predicted)."""
         relevance = out.relevance.detach().float().cpu().numpy()
         if lengths is not None:  # the rows' own tokens, without the batch's padding
             relevance = _ragged([relevance[b, ..., :length] for b, length in enumerate(lengths)])
@@ -243,7 +237,7 @@ class ExplainWorker:
         explained = out.target.cpu().numpy() if out.target is not None else predicted
         if predicted is None:  # a headless model's (B, N, D) output: no class
             predicted = np.full(len(explained), -1, dtype=np.int64)
-        return relevance, image_map, explained, predicted, out, inputs
+        return relevance, image_map, explained, predicted
 
     def _explain_file(self, batch: Dict[str, np.ndarray]):
         """An exported file, through relfast.serve's backend (its method; one target per row)."""

@@ -49,13 +49,12 @@ class ScoringWorker(ExplainWorker):
 
         explainer = method.explainer
         tester = BatchPerturbation(explainer.family, explainer.layout, self.preprocess if self.is_image else None)
-        if self.is_image:  # the test removes patches from [0, 1] images; the model gets preprocess(images)
-            data = torch.from_numpy(np.array(batch[self.column]))
-        else:
-            data = method.model_inputs(batch)[0]
+        inputs = method.model_inputs(batch)[0]
+        # the test removes patches from the [0, 1] images (the model gets preprocess(images)), or tokens
+        data = torch.from_numpy(np.array(batch[self.column])) if self.is_image else inputs
         labels = torch.from_numpy(np.array(batch["label"], dtype=np.int64))
         explained = tester.predict(data)  # as relfast.eval explains: the predicted class, one call per batch
-        out = method._explain_torch(batch, target=explained)[4]
+        out = explainer(inputs, target=explained)
         rows = {}
         if self.perturbation:
             correct = tester.correct(data, labels, out, (True, False), self.fractions, WHERE)
@@ -90,8 +89,7 @@ def _in_order(rows: Dict[str, np.ndarray], count: int) -> Dict[str, np.ndarray]:
     if len(ids) != count or not np.array_equal(ids[order], np.arange(count)):
         raise RuntimeError(f"{WHERE}: the job returned {len(ids)} rows with {len(np.unique(ids))} distinct ids for "
                            f"{count} samples; each sample must come back once")
-    return {name: np.asarray(list(value) if np.asarray(value).dtype == object else value)[order]
-            for name, value in rows.items()}
+    return {name: np.asarray(value)[order] for name, value in rows.items()}
 
 
 def evaluate(suite, methods: Sequence[str], tests: Sequence[str] = ("perturbation", "segmentation"),
