@@ -28,12 +28,9 @@ WHERE = "relfast.scale.explain_dataset"
 
 
 def _require_ray() -> None:
-    try:
-        import ray  # noqa: F401
-        import ray.data  # noqa: F401
-    except ImportError as error:
-        raise ImportError(f"relfast.scale needs Ray Data, which is not installed ({error}); install it with "
-                          "pip install 'relfast[serve]' (or 'ray[serve,data]')") from None
+    from ..serve import require_ray
+
+    require_ray("data", "relfast.scale")
 
 
 def _positive_int(name: str, value: Any, where: str = WHERE, minimum: int = 1) -> int:

@@ -21,13 +21,15 @@ DEFAULT_MAX_BYTES = 8 * 2 ** 20  # the largest request body by default (--max-by
 __all__ = ["app", "DEFAULT_MAX_BYTES"]
 
 
-def _require_ray() -> None:
+def require_ray(part: str = "serve", user: str = "relfast.serve") -> None:
+    """Ray and its ``part`` ("serve" or "data"), else one ImportError naming what to install."""
+    import importlib
+
     try:
-        import ray  # noqa: F401
-        from ray import serve  # noqa: F401
+        importlib.import_module(f"ray.{part}")
     except ImportError as error:
-        raise ImportError(f"relfast.serve needs Ray Serve, which is not installed ({error}); install it with "
-                          "pip install 'relfast[serve]' (or 'ray[serve,data]')") from None
+        raise ImportError(f"{user} needs Ray {part.capitalize()}, which is not installed ({error}); install it "
+                          "with pip install 'relfast[serve]' (or 'ray[serve,data]')") from None
 
 
 def _positive(name: str, value: Any, kind: type = int, minimum: float = 1) -> None:
@@ -60,7 +62,7 @@ def app(model: Union[None, str, Path, Any] = None, *, method: Optional[str] = No
         ray_actor_options: replaces the replicas' Ray resources (default ``{"num_cpus": threads}``).
         name: the deployment's name.
     """
-    _require_ray()
+    require_ray()
     _positive("max_batch", max_batch)
     _positive("batch_wait_ms", batch_wait_ms, float, 0)
     _positive("replicas", replicas)
