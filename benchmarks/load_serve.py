@@ -52,7 +52,6 @@ import argparse
 import datetime
 import http.client
 import json
-import math
 import os
 import platform
 import shlex
@@ -69,6 +68,8 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 ROUTES = ("/predict", "/explain")
 # what a good answer holds, per route (relfast.serve.backend's answers)
@@ -88,15 +89,8 @@ class SetupError(Exception):
 # ---- numbers ----
 
 def percentile(values: Sequence[float], q: float) -> Optional[float]:
-    """The q-th percentile (0..100) with linear interpolation between the closest ranks (numpy's
-    default method); None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    below = math.floor(rank)
-    above = min(below + 1, len(ordered) - 1)
-    return ordered[below] + (ordered[above] - ordered[below]) * (rank - below)
+    """The q-th percentile (0..100), numpy's (linear interpolation); None for no values."""
+    return float(np.percentile(values, q)) if len(values) else None
 
 
 def summarize(latencies_s: Sequence[float], errors: int, elapsed_s: float) -> Dict[str, Optional[float]]:
